@@ -1,0 +1,122 @@
+"""Times the conv/pool lowerings of tljax.models.layers on the DANN digit feature extractor.
+
+Workload: NHWC 28x28x3 input, batch 256, conv5x5x32 VALID -> ReLU -> maxpool 2x2/2 ->
+conv5x5x48 VALID -> ReLU -> maxpool 2x2/2; loss = sum of the outputs; gradients w.r.t. all
+parameters (which needs the gradient w.r.t. the input of the 2nd conv, but not of the image
+unless --input_grad). A square fp32 matmul gives the machine's reference GFLOP/s.
+
+FLOPs are 2 * MACs per convolution pass: one pass forward, and in the backward pass one for
+each kernel gradient plus one for each input gradient that is computed (conv 2 always, conv 1
+only with --input_grad). Pooling, ReLU and bias adds are not counted.
+
+Usage:
+  python benchmarks/conv_lowering.py [--batch 256] [--iters 20] [--impls xla,im2col]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tljax.models import layers  # noqa: E402
+
+# (kernel, cin, cout) of the two convolutions; both VALID, stride 1.
+_CONVS = ((5, 3, 32), (5, 32, 48))
+
+
+def _digit_features(params, x, impl):
+    for i in range(len(_CONVS)):
+        y = layers.conv2d(x, params[f"k{i}"], padding="VALID", impl=impl) + params[f"b{i}"]
+        x = layers.max_pool(jax.nn.relu(y), (2, 2), impl=impl)
+    return x
+
+
+def _conv_macs(batch: int, size: int) -> list[int]:
+    macs = []
+    for k, cin, cout in _CONVS:
+        out = size - k + 1
+        macs.append(batch * out * out * k * k * cin * cout)
+        size = out // 2
+    return macs
+
+
+def _time(fn, args, iters: int, warmup: int) -> tuple[float, float]:
+    """(median, min) wall time in ms of jit-compiled ``fn(*args)``."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3, min(times) * 1e3
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--size", type=int, default=28, help="input height = width")
+    parser.add_argument("--iters", type=int, default=20, help="timed iterations (median)")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--impls", default="xla,im2col", help="comma-separated conv impls")
+    parser.add_argument("--matmul", type=int, default=1536, help="square matmul size (0: skip)")
+    parser.add_argument("--input_grad", action="store_true", help="also differentiate the image")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    args = parser.parse_args(argv)
+
+    dtype = jnp.dtype(args.dtype)
+    keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(_CONVS) + 1)
+    x = jax.random.normal(keys[0], (args.batch, args.size, args.size, 3), dtype)
+    params = {}
+    for i, (k, cin, cout) in enumerate(_CONVS):
+        scale = (k * k * cin) ** -0.5
+        params[f"k{i}"] = (jax.random.normal(keys[2 * i + 1], (k, k, cin, cout)) * scale).astype(
+            dtype
+        )
+        params[f"b{i}"] = jnp.zeros((cout,), dtype)
+
+    macs = _conv_macs(args.batch, args.size)
+    fwd_flops = 2 * sum(macs)
+    bwd_flops = 2 * sum(macs) + 2 * sum(macs[1:]) + (2 * macs[0] if args.input_grad else 0)
+    argnums = (0, 1) if args.input_grad else 0
+
+    rows = []
+    ref_rate = None
+    if args.matmul:
+        n = args.matmul
+        a = jax.random.normal(keys[-1], (n, n), jnp.float32)
+        med, best = _time(jax.jit(lambda a: a @ a), (a,), args.iters, args.warmup)
+        ref_rate = 2 * n**3 / med / 1e6
+        rows.append((f"matmul {n}x{n}x{n} fp32", "", med, best, 2 * n**3))
+
+    for impl in args.impls.split(","):
+        loss = lambda p, x, impl=impl: jnp.sum(_digit_features(p, x, impl).astype(jnp.float32))
+        fwd = jax.jit(loss)
+        fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+        for name, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, fwd_flops + bwd_flops)):
+            med, best = _time(fn, (params, x), args.iters, args.warmup)
+            rows.append((impl, name, med, best, flops))
+
+    print(
+        f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
+        f"batch={args.batch} dtype={args.dtype} iters={args.iters} (median; min in brackets)"
+    )
+    print()
+    print("| impl | pass | ms/iter | GFLOP/s | fraction of matmul |")
+    print("|---|---|---|---|---|")
+    for impl, name, med, best, flops in rows:
+        rate = flops / med / 1e6
+        frac = f"{rate / ref_rate:.2f}" if ref_rate else "-"
+        print(f"| {impl} | {name} | {med:.1f} ({best:.1f}) | {rate:.1f} | {frac} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""The trainer end to end: checkpoints, results.json, resume, sharding, failures."""
+
+import glob
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from tljax import train
+
+
+def _final_params(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    restored = manager.restore(manager.latest_step())
+    return restored["params"]
+
+
+def test_dann_run_writes_checkpoints_and_results(tiny_dann_config, tmp_path):
+    results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["steps"] == 6 and saved["num_devices"] == jax.device_count()
+    for key in (
+        "source_test/accuracy",
+        "target_test/accuracy",
+        "train/loss",
+        "train/domain_loss",
+        "train/grl_lambda",
+    ):
+        assert np.isfinite(saved["final"][key]), key
+    assert saved["final"] == pytest.approx(results["final"])
+    assert saved["config"]["method"] == "dann"
+    assert [h["step"] for h in saved["history"]] == [3, 6]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+    assert glob.glob(str(tmp_path / "events.out.tfevents.*"))
+
+
+def test_resume_matches_uninterrupted_run(tiny_dann_config, tmp_path):
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    train.train_and_evaluate(tiny_dann_config, full_dir)
+
+    # Emulate a run killed after its step-3 checkpoint: drop everything after it.
+    train.train_and_evaluate(tiny_dann_config, resumed_dir)
+    manager = ocp.CheckpointManager(os.path.join(resumed_dir, "checkpoints"))
+    manager.delete(6)
+    manager.wait_until_finished()
+    results = train.train_and_evaluate(tiny_dann_config, resumed_dir)
+
+    assert results["resumed_from_step"] == 3
+    chex.assert_trees_all_close(_final_params(full_dir), _final_params(resumed_dir), atol=1e-6)
+
+
+def test_four_devices_match_one_device(tiny_dann_config, tmp_path):
+    assert jax.device_count() == 4
+    one = train.train_and_evaluate(
+        tiny_dann_config, str(tmp_path / "one"), devices=jax.devices()[:1]
+    )
+    four = train.train_and_evaluate(tiny_dann_config, str(tmp_path / "four"))
+    assert one["num_devices"] == 1 and four["num_devices"] == 4
+    for key in ("train/loss", "target_test/accuracy", "source_test/loss"):
+        np.testing.assert_allclose(one["final"][key], four["final"][key], rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_gives_same_metrics(tiny_dann_config, tmp_path):
+    a = train.train_and_evaluate(tiny_dann_config, str(tmp_path / "a"))
+    b = train.train_and_evaluate(tiny_dann_config, str(tmp_path / "b"))
+    assert a["final"] == b["final"]
+
+
+def test_batch_size_not_divisible_by_devices_fails_before_training(tiny_dann_config, tmp_path):
+    tiny_dann_config.train.batch_size = 6
+    with pytest.raises(ValueError, match="not divisible by the number of devices"):
+        train.train_and_evaluate(tiny_dann_config, str(tmp_path))
+    assert not os.path.exists(tmp_path / "checkpoints" / "3")
+
+
+def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_dann_config, tmp_path):
+    tiny_dann_config.train.steps = 12
+    tiny_dann_config.lr.schedule = "constant"
+    tiny_dann_config.lr.base = 1e12  # Diverges within a few steps.
+    tiny_dann_config.checkpoint.every = 1
+    tiny_dann_config.train.log_every = 1
+    with pytest.raises(train.NonFiniteLossError, match=r"step \d+.*last good checkpoint"):
+        train.train_and_evaluate(tiny_dann_config, str(tmp_path))
+    params = _final_params(str(tmp_path))
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))

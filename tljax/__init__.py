@@ -1,0 +1,1 @@
+"""tljax: transfer learning in clean functional JAX."""

@@ -1,0 +1,42 @@
+"""Helpers for `get_config(arg)` config files."""
+
+import ast
+
+
+def parse_arg(arg: str | None, **defaults) -> dict:
+    """Parses a config variant string 'k1=v1,k2=v2' against typed defaults.
+
+    `--config=configs/dann.py:data=full,seed=3` reaches `get_config` as
+    'data=full,seed=3'. Values are coerced to the type of their default.
+
+    Args:
+      arg: the string after ':' in --config (may be None or empty).
+      **defaults: every accepted key with its default value.
+
+    Returns:
+      Dict of all keys with defaults overridden by `arg`.
+
+    Raises:
+      ValueError: for a malformed item or a key that has no default.
+    """
+    values = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"Config variant item {item!r} is not of the form key=value.")
+        if key not in defaults:
+            raise ValueError(f"Unknown config variant key {key!r}; accepted: {sorted(defaults)}.")
+        values[key] = _coerce(raw, defaults[key], key)
+    return values
+
+
+def _coerce(raw: str, default, key: str):
+    if isinstance(default, bool):
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"Config variant {key}={raw!r} is not a boolean.")
+        return raw.lower() in ("true", "1")
+    if isinstance(default, (int, float)):
+        return type(default)(raw)
+    if isinstance(default, str) or default is None:
+        return raw
+    return ast.literal_eval(raw)

@@ -1,0 +1,59 @@
+"""One module per transfer-learning method.
+
+A method module exposes `build(config) -> Method`. The trainer owns everything
+else (optimizer, schedules, jit, sharding, checkpoints, logging), so adding a
+method means adding a module here and a config, never touching the trainer.
+"""
+
+import dataclasses
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from tljax.data.pipeline import Stream
+
+Params = Any
+Metrics = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """What a method contributes to a run.
+
+    Attributes:
+      init_params: rng -> params pytree (plain nested dicts).
+      loss_fn: (params, batch, rng, step) -> (scalar loss, metrics dict of scalars).
+      eval_fn: (params, batch) -> dict of per-batch *sums* over examples whose
+        batch['mask'] is 1, including 'count'; the trainer divides by the count.
+      train_streams: the training batch layout.
+      eval_sets: name -> {'image', 'label'} arrays, evaluated every eval_every steps.
+    """
+
+    init_params: Callable[..., Params]
+    loss_fn: Callable[..., tuple[Any, Metrics]]
+    eval_fn: Callable[..., Metrics]
+    train_streams: tuple[Stream, ...]
+    eval_sets: Mapping[str, Mapping[str, Any]]
+
+
+def build(config) -> Method:
+    """Builds the method named by `config.method` (a module of this package).
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      The method's `Method`.
+
+    Raises:
+      ValueError: if no module `tljax.methods.<config.method>` exists.
+    """
+    try:
+        module = importlib.import_module(f"{__name__}.{config.method}")
+    except ModuleNotFoundError as error:
+        if error.name != f"{__name__}.{config.method}":
+            raise
+        raise ValueError(
+            f"Unknown method {config.method!r}: no module tljax/methods/{config.method}.py"
+        ) from None
+    return module.build(config)

@@ -1,0 +1,1 @@
+"""Pure Linen modules: digit networks, layers with CPU-efficient lowerings, GRL."""

@@ -1,0 +1,353 @@
+"""The one trainer: sharded state, jitted step, loop, eval, checkpoints, results.
+
+Every method reuses `train_and_evaluate` unchanged; a method only supplies its
+params, loss, eval and batch layout (`tljax.methods.Method`).
+"""
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from tljax import methods, optim, parallel
+from tljax.data import pipeline
+
+State = dict[str, Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+# ------------------------------------------------------------------ state ----
+
+
+def create_train_state(method: methods.Method, optimizer, seed: int, mesh) -> State:
+    """Initial state {params, opt_state, step, rng}, created already replicated.
+
+    Args:
+      method: supplies `init_params`.
+      optimizer: optax transformation.
+      seed: run seed.
+      mesh: the data mesh.
+
+    Returns:
+      The state pytree with every leaf replicated over `mesh`.
+    """
+
+    def create():
+        init_rng, train_rng = jax.random.split(jax.random.key(seed))
+        params = method.init_params(init_rng)
+        return {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(train_rng),
+        }
+
+    return jax.jit(create, out_shardings=parallel.replicated(mesh))()
+
+
+def make_train_step(method: methods.Method, optimizer, schedule):
+    """(state, batch) -> (state, metrics): one optimizer step of `method.loss_fn`.
+
+    Args:
+      method: supplies `loss_fn`.
+      optimizer: optax transformation.
+      schedule: lr schedule (logged as 'lr').
+
+    Returns:
+      The un-jitted step function.
+    """
+
+    def train_step(state, batch):
+        step = state["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+        grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], batch, rng, step)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        params = jax.tree.map(jnp.add, state["params"], updates)
+        metrics = {**metrics, "loss": loss, "lr": schedule(step)}
+        new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
+        return new_state, metrics
+
+    return train_step
+
+
+def compile_train_step(train_step, state: State, batch: dict, mesh):
+    """Ahead-of-time compiles the step once, with the state donated.
+
+    An AOT-compiled executable refuses inputs of another shape or sharding
+    instead of silently recompiling, so a run compiles exactly once.
+
+    Args:
+      train_step: from `make_train_step`.
+      state: the (replicated) train state, used for shapes and shardings.
+      batch: a (sharded) batch, used for shapes and shardings.
+      mesh: the data mesh.
+
+    Returns:
+      (compiled step, compile seconds).
+    """
+    start = time.perf_counter()
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharded(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    compiled = jitted.lower(state, batch).compile()
+    return compiled, time.perf_counter() - start
+
+
+# --------------------------------------------------------------- evaluate ----
+
+
+def evaluate(eval_step, params, eval_sets, batch_size: int, mesh) -> dict[str, float]:
+    """Mean metrics of `eval_step` over each eval set.
+
+    Args:
+      eval_step: jitted (params, batch) -> dict of sums including 'count'.
+      params: model params.
+      eval_sets: name -> arrays.
+      batch_size: global eval batch size.
+      mesh: the data mesh.
+
+    Returns:
+      Flat dict '<set>/<metric>' -> float.
+    """
+    results = {}
+    for name, arrays in eval_sets.items():
+        sums = None
+        for batch in pipeline.eval_batches(arrays, batch_size, mesh):
+            out = eval_step(params, batch)
+            sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+        sums = jax.device_get(sums)
+        count = float(sums.pop("count"))
+        results |= {f"{name}/{key}": float(value) / count for key, value in sums.items()}
+    return results
+
+
+# ------------------------------------------------------------ checkpoints ----
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+    """Orbax manager for `<workdir>/checkpoints` keeping the newest few."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep, create=True)
+    return ocp.CheckpointManager(
+        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
+    )
+
+
+def restore_latest(manager: ocp.CheckpointManager, state: State) -> tuple[State, int]:
+    """Restores the newest checkpoint into `state`'s shapes and shardings, if any.
+
+    Args:
+      manager: the run's checkpoint manager.
+      state: freshly initialised state (the restore target).
+
+    Returns:
+      (state, first step to run).
+
+    Raises:
+      ValueError: if the checkpoint does not fit the configured model.
+    """
+    step = manager.latest_step()
+    if step is None:
+        return state, 0
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    try:
+        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except (ValueError, KeyError) as error:
+        raise ValueError(
+            f"Checkpoint {manager.directory}/{step} does not match this config's model/optimizer "
+            f"({error}). Use a new --workdir or the config that wrote it."
+        ) from error
+    logging.info("Resumed from checkpoint at step %d.", step)
+    return restored, step
+
+
+# ---------------------------------------------------------------- metrics ----
+
+
+class MetricBuffer:
+    """Holds per-step metrics on device; syncs with the host only when flushed."""
+
+    def __init__(self):
+        self._steps: list[int] = []
+        self._metrics: list[dict] = []
+
+    def add(self, step: int, metrics: dict) -> None:
+        self._steps.append(step)
+        self._metrics.append(metrics)
+
+    def flush(self) -> dict[str, float]:
+        """Means over the buffered steps; raises NonFiniteLossError on NaN/Inf loss."""
+        if not self._metrics:
+            return {}
+        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self._metrics))
+        bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
+        steps, self._steps, self._metrics = self._steps, [], []
+        if bad.size:
+            raise NonFiniteLossError(
+                f"Loss became {stacked['loss'][bad[0]]} at step {steps[bad[0]]}."
+            )
+        return {f"train/{key}": float(np.mean(value)) for key, value in stacked.items()}
+
+
+# ------------------------------------------------------------------- loop ----
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains `config.method` and evaluates it; resumes from `workdir` if it has checkpoints.
+
+    Args:
+      config: experiment config (see configs/).
+      workdir: where checkpoints, TensorBoard events and results.json go.
+      devices: devices of the data mesh; default all devices of all processes.
+
+    Returns:
+      The results dict also written to `<workdir>/results.json`.
+
+    Raises:
+      NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint stays).
+      ValueError: a config value that cannot work (e.g. batch size vs devices).
+    """
+    start_time = time.time()
+    mesh = parallel.make_data_mesh(devices)
+    num_steps = config.train.steps
+    method = methods.build(config)
+    for stream in method.train_streams:
+        parallel.check_batch_size(f"train.batch_size ({stream.name})", stream.batch_size, mesh)
+    parallel.check_batch_size("eval.batch_size", config.eval.batch_size, mesh)
+
+    schedule = optim.make_schedule(config.lr, num_steps)
+    optimizer = optim.make_optimizer(config.optimizer, schedule)
+    state = create_train_state(method, optimizer, config.seed, mesh)
+    manager = checkpoint_manager(workdir, config)
+    state, first_step = restore_latest(manager, state)
+
+    is_lead = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+    if first_step == 0:
+        writer.write_hparams(_flat_hparams(config))
+    progress = periodic_actions.ReportProgress(
+        num_train_steps=num_steps, writer=writer, every_secs=config.train.log_every_secs
+    )
+
+    batches = pipeline.train_batches(method.train_streams, config.seed, first_step, mesh)
+    eval_step = jax.jit(method.eval_fn, out_shardings=parallel.replicated(mesh))
+    run_eval = lambda params: evaluate(
+        eval_step, params, method.eval_sets, config.eval.batch_size, mesh
+    )
+
+    buffer = MetricBuffer()
+    train_step, compile_s = None, 0.0
+    train_metrics, eval_metrics, history = {}, {}, []
+    last_saved = first_step if first_step else None
+    try:
+        for step in range(first_step, num_steps):
+            batch = next(batches)
+            if train_step is None:
+                train_step, compile_s = compile_train_step(
+                    make_train_step(method, optimizer, schedule), state, batch, mesh
+                )
+                logging.info("Compiled the train step in %.1f s.", compile_s)
+            state, metrics = train_step(state, batch)
+            buffer.add(step, metrics)
+            done = step + 1
+            progress(done)
+            is_last = done == num_steps
+            if done % config.train.log_every == 0 or is_last:
+                train_metrics = _flush(buffer, manager, last_saved)
+                writer.write_scalars(done, train_metrics)
+            if done % config.eval.every == 0 or is_last:
+                eval_metrics = run_eval(state["params"])
+                writer.write_scalars(done, eval_metrics)
+                history.append({"step": done, **eval_metrics})
+            if done % config.checkpoint.every == 0 or is_last:
+                train_metrics |= _flush(buffer, manager, last_saved)
+                _check_finite_params(state["params"], done, manager, last_saved)
+                manager.save(done, args=ocp.args.StandardSave(state))
+                last_saved = done
+    finally:
+        batches.close()
+        manager.wait_until_finished()
+        writer.flush()
+
+    if first_step >= num_steps:
+        eval_metrics = run_eval(state["params"])
+    results = {
+        "final": {**train_metrics, **eval_metrics},
+        "history": history,
+        "steps": num_steps,
+        "resumed_from_step": first_step,
+        "seed": config.seed,
+        "num_devices": int(mesh.devices.size),
+        "num_processes": jax.process_count(),
+        "backend": jax.default_backend(),
+        "compile_time_s": compile_s,
+        "wall_time_s": time.time() - start_time,
+        "config": config.to_dict(),
+    }
+    if is_lead:
+        with open(os.path.join(workdir, "results.json"), "w") as f:
+            json.dump(results, f, indent=2, default=str)
+    logging.info("Final metrics: %s", results["final"])
+    return results
+
+
+def _flush(buffer: MetricBuffer, manager, last_saved) -> dict[str, float]:
+    try:
+        return buffer.flush()
+    except NonFiniteLossError as error:
+        kept = (
+            f"the last good checkpoint (step {last_saved}) is in {manager.directory}"
+            if last_saved
+            else "no checkpoint was written yet"
+        )
+        raise NonFiniteLossError(
+            f"{error} Training stopped; {kept}. Try a lower lr.base or check the inputs."
+        ) from None
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
+def _check_finite_params(params, step: int, manager, last_saved) -> None:
+    # A finite loss can still be followed by an update that overflows the params;
+    # such a state must never replace the last good checkpoint.
+    if not bool(_all_finite(params)):
+        raise NonFiniteLossError(
+            f"Params became non-finite by step {step}; training stopped and the last good "
+            f"checkpoint (step {last_saved}) is in {manager.directory}. Try a lower lr.base."
+        )
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    flat = {}
+
+    def visit(prefix, value):
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                visit(f"{prefix}.{key}" if prefix else key, sub)
+        elif isinstance(value, (bool, int, float, str)) and not (
+            isinstance(value, float) and math.isnan(value)
+        ):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    visit("", config.to_dict())
+    return flat
