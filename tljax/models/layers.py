@@ -185,13 +185,22 @@ def _patches_t(x: Array, kh: int, kw: int, strides: tuple[int, int], pads: Pads)
     return rows.reshape(kh * kw * c, b * ho * wo)
 
 
+def _chunk_size(n: int, target: int) -> int:
+    """A chunk size near ``target``; a divisor of ``n`` if one is within 2x (no remainder)."""
+    target = max(1, min(n, target))
+    for c in range(target, max(1, target // 2) - 1, -1):
+        if n % c == 0:
+            return c
+    return target
+
+
 def _kernel_grad(x: Array, dy: Array, kernel_shape, strides: tuple[int, int], pads: Pads) -> Array:
     """``dL/dkernel`` as a sum over batch chunks of ``patches^T @ dy`` (float32 accumulation)."""
     kh, kw, cin, cout = kernel_shape
     n = x.shape[0]
     ho, wo = dy.shape[1:3]
     per_example = kh * kw * cin * ho * wo * x.dtype.itemsize
-    chunk = int(max(1, min(n, _PATCH_CHUNK_BYTES // max(per_example, 1))))
+    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(per_example, 1))
 
     def chunk_grad(xc: Array, dyc: Array) -> Array:
         p = _patches_t(xc, kh, kw, strides, pads)
@@ -218,6 +227,43 @@ def _kernel_grad(x: Array, dy: Array, kernel_shape, strides: tuple[int, int], pa
     return acc.reshape(kernel_shape)
 
 
+def _patches_nhwc(x: Array, kh: int, kw: int, strides: tuple[int, int], pads: Pads) -> Array:
+    """``(B, ho, wo, kh * kw * C)`` patches, channel order matching ``kernel.reshape``."""
+    h, w = x.shape[1:3]
+    ho = _out_size(h, kh, strides[0], pads[0])
+    wo = _out_size(w, kw, strides[1], pads[1])
+    if any(p != (0, 0) for p in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+    rows = _strided_slices(x, 1, kh, strides[0], ho)
+    return jnp.concatenate([s for r in rows for s in _strided_slices(r, 2, kw, strides[1], wo)], -1)
+
+
+def _input_grad_col2im(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x_shape
+    ho, wo = dy.shape[1:3]
+    km = kernel.reshape(kh * kw * cin, cout)
+    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(kh * kw * cin * ho * wo * dy.dtype.itemsize, 1))
+
+    def chunk_grad(dyc):
+        dp = lax.dot_general(dyc, km, (((3,), (1,)), ((), ())))
+        aval = jax.ShapeDtypeStruct((dyc.shape[0], h, w, cin), dy.dtype)
+        return jax.linear_transpose(lambda z: _patches_nhwc(z, kh, kw, strides, pads), aval)(dp)[0]
+
+    num_chunks, rem = divmod(n, chunk)
+    if num_chunks <= 1:
+        return chunk_grad(dy) if not rem else jnp.concatenate([chunk_grad(dy[:chunk]), chunk_grad(dy[chunk:])])
+    main = dy[: num_chunks * chunk].reshape((num_chunks, chunk, *dy.shape[1:]))
+    _, dx = lax.scan(lambda c, d: (c, chunk_grad(d)), None, main)
+    dx = dx.reshape((num_chunks * chunk, h, w, cin))
+    if rem:
+        dx = jnp.concatenate([dx, chunk_grad(dy[n - rem :])])
+    return dx
+
+
+_DX_MODE = "xla"
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
     # The forward pass is the native convolution: XLA:CPU lowers it to a tiled im2col kernel
@@ -226,16 +272,49 @@ def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) 
     return _conv_xla(x, kernel, strides, pads)
 
 
+_FWD_MODE = "xla"
+
+
+def _conv_matmul_chunked(x: Array, kernel: Array, strides, pads) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    n, h, w, _ = x.shape
+    ho = _out_size(h, kh, strides[0], pads[0])
+    wo = _out_size(w, kw, strides[1], pads[1])
+    km = kernel.reshape(kh * kw * cin, cout)
+    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(kh * kw * cin * ho * wo * x.dtype.itemsize, 1))
+
+    def chunk_out(xc):
+        return lax.dot_general(
+            _patches_nhwc(xc, kh, kw, strides, pads), km, (((3,), (0,)), ((), ()))
+        )
+
+    num_chunks, rem = divmod(n, chunk)
+    if num_chunks <= 1:
+        return chunk_out(x) if not rem else jnp.concatenate([chunk_out(x[:chunk]), chunk_out(x[chunk:])])
+    main = x[: num_chunks * chunk].reshape((num_chunks, chunk, *x.shape[1:]))
+    _, y = lax.scan(lambda c, d: (c, chunk_out(d)), None, main)
+    y = y.reshape((num_chunks * chunk, ho, wo, cout))
+    if rem:
+        y = jnp.concatenate([y, chunk_out(x[n - rem :])])
+    return y
+
+
 def _conv_im2col_fwd(x, kernel, strides, pads):
+    if _FWD_MODE == "im2col":
+        return _conv_matmul_chunked(x, kernel, strides, pads), (x, kernel)
     return _conv_xla(x, kernel, strides, pads), (x, kernel)
 
 
 def _conv_im2col_bwd(strides, pads, res, dy):
     x, kernel = res
+    x, dy = lax.optimization_barrier((x, dy))
     dkernel = _kernel_grad(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
     # The input gradient is the transposed convolution. XLA's own lowering of it is a
     # (non-tiled) convolution that is still within 2x of matmul speed for these shapes, and
     # beats col2im, whose scatter-add of kh*kw shifted copies is memory bound.
+    if _DX_MODE == "col2im":
+        dx = _input_grad_col2im(dy, kernel, x.shape, strides, pads)
+        return dx, dkernel
     (dx,) = jax.linear_transpose(
         functools.partial(_conv_xla, kernel=kernel, strides=strides, pads=pads),
         jax.ShapeDtypeStruct(x.shape, x.dtype),
@@ -313,8 +392,10 @@ def _window_views(x: Array, window, strides, pads: Pads, fill) -> tuple[list[Arr
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _max_pool_vjp(x: Array, window, strides, pads: Pads) -> Array:
-    views, _ = _window_views(x, window, strides, pads, -jnp.inf)
-    return functools.reduce(jnp.maximum, views)
+    # The forward pass is the native reduction: XLA:CPU fuses it (and the convolutions and
+    # elementwise ops around it) into one tiled YNNPACK kernel, and any other formulation here
+    # (e.g. strided slices) splits that kernel and costs several times more than the pooling.
+    return nn.max_pool(x, window, strides, pads)
 
 
 def _max_pool_fwd(x, window, strides, pads):

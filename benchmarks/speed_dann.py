@@ -1,0 +1,166 @@
+"""Speed benchmark: the DANN train step in tljax (each conv lowering) vs PyTorch.
+
+  pip install -r benchmarks/requirements.txt      # torch==2.13.0 (CPU build)
+  python benchmarks/speed_dann.py                  # step table (a few minutes)
+  python benchmarks/speed_dann.py --full_run       # + whole 3000-step runs, tljax vs PyTorch
+
+Prints markdown tables: ms/step and images/s for B source + B target images on a
+fixed in-memory batch (pure compute) and through the real input pipeline,
+achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
+fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine.
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import jax
+from absl import app, flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from configs import dann as dann_config  # noqa: E402
+from tljax import methods, optim, parallel, train  # noqa: E402
+from tljax.data import pipeline  # noqa: E402
+
+_BATCHES = flags.DEFINE_list("batches", ["128", "64"], "Images per domain per step.")
+_IMPLS = flags.DEFINE_list("impls", ["xla", "im2col"], "Conv lowerings to time.")
+_STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs torch).")
+_FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN runs.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    """Measured fp32 matmul rate of the default device, GFLOP/s."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def dann_setup(impl: str, batch: int):
+    """Config, method, optimizer and mesh of configs/dann.py with `impl` and `batch`."""
+    config = dann_config.get_config()
+    config.model.conv_impl = impl
+    config.train.batch_size = batch
+    config.data.data_dir = _DATA_DIR.value
+    mesh = parallel.make_data_mesh()
+    method = methods.build(config)
+    schedule = optim.make_schedule(config.lr, config.train.steps)
+    optimizer = optim.make_optimizer(config.optimizer, schedule)
+    step_fn = train.make_train_step(method, optimizer, schedule)
+    return config, method, optimizer, step_fn, mesh
+
+
+def time_tljax(impl: str, batch: int) -> dict:
+    """ms/step of the compiled DANN step, fixed batch and real pipeline.
+
+    Args:
+        impl: conv lowering ('xla' or 'im2col').
+        batch: images per domain.
+
+    Returns:
+        Dict with ms_fixed, ms_pipeline, gflop (per step), compile_s.
+    """
+    config, method, optimizer, step_fn, mesh = dann_setup(impl, batch)
+    state = train.create_train_state(method, optimizer, 0, mesh)
+    batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
+    fixed = next(batches)
+    compiled, compile_s = train.compile_train_step(step_fn, state, fixed, mesh)
+    flops = compiled.cost_analysis().get("flops", float("nan"))
+
+    def timed(next_batch):
+        nonlocal state
+        for _ in range(5):
+            state, metrics = compiled(state, next_batch())
+        jax.block_until_ready(metrics)
+        t0 = time.perf_counter()
+        for _ in range(_STEPS.value):
+            state, metrics = compiled(state, next_batch())
+        jax.block_until_ready(metrics)
+        return (time.perf_counter() - t0) / _STEPS.value * 1e3
+
+    ms_fixed = timed(lambda: fixed)
+    ms_pipeline = timed(lambda: next(batches))
+    batches.close()
+    return dict(ms_fixed=ms_fixed, ms_pipeline=ms_pipeline, gflop=flops / 1e9, compile_s=compile_s)
+
+
+def full_runs() -> list[str]:
+    """Wall time and accuracy of one default configs/dann.py run, tljax vs PyTorch."""
+    import tempfile
+
+    config = dann_config.get_config()
+    config.data.data_dir = _DATA_DIR.value
+    with tempfile.TemporaryDirectory() as workdir:
+        results = train.train_and_evaluate(config, workdir)
+    rows = [
+        f"| tljax | {results['wall_time_s']:.1f} s | {results['compile_time_s']:.1f} s | "
+        f"{results['final']['target_test/accuracy']:.4f} |"
+    ]
+    if _TORCH.value:
+        import torch_dann
+
+        source, target, _, target_test = torch_dann.load_embedded_digits(_DATA_DIR.value)
+        out = torch_dann.train_dann(
+            source,
+            target,
+            target_test,
+            steps=config.train.steps,
+            batch_per_domain=config.train.batch_size,
+        )
+        rows.append(f"| PyTorch 2.13 | {out['wall_s']:.1f} s | - | {out['target_accuracy']:.4f} |")
+    return rows
+
+
+def main(argv):
+    del argv
+    device = jax.devices()[0]
+    mm = matmul_gflops()
+    print(
+        f"\nDANN train step, {jax.device_count()} x {device.device_kind} "
+        f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s\n"
+    )
+    print(
+        "| B+B | impl | ms/step (fixed batch) | images/s | ms/step (pipeline) | GFLOP/s "
+        "| % of matmul | compile s | vs PyTorch |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for batch in map(int, _BATCHES.value):
+        torch_ms = None
+        if _TORCH.value:
+            import torch_dann
+
+            torch_ms = torch_dann.time_train_step(batch, iters=_STEPS.value)["ms_per_step"]
+        for impl in _IMPLS.value:
+            r = time_tljax(impl, batch)
+            rate = r["gflop"] / r["ms_fixed"] * 1e3
+            ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
+            print(
+                f"| {batch}+{batch} | tljax {impl} | {r['ms_fixed']:.1f} | "
+                f"{2 * batch / r['ms_fixed'] * 1e3:.0f} | {r['ms_pipeline']:.1f} | {rate:.0f} "
+                f"| {100 * rate / mm:.0f}% | {r['compile_s']:.1f} | {ratio} |"
+            )
+        if torch_ms:
+            print(
+                f"| {batch}+{batch} | PyTorch 2.13 eager | {torch_ms:.1f} | "
+                f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
+            )
+    if _FULL_RUN.value:
+        print("\nWhole default run (configs/dann.py: 3000 steps of 64+64, evals, checkpoints)\n")
+        print("| framework | wall time | of which compile | target test acc |")
+        print("|---|---|---|---|")
+        print("\n".join(full_runs()))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,280 @@
+"""tljax.models.layers: the 'im2col' (CPU) lowerings must compute what the 'xla' ones compute."""
+
+from unittest import mock
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tljax.models import layers
+
+# (batch, H, W, cin, cout, kernel, stride, padding)
+CONV_CASES = [
+    (2, 28, 28, 3, 32, 5, 1, "VALID"),  # digit net, conv 1
+    (3, 12, 12, 16, 32, 5, 1, "VALID"),  # digit net, conv 2 (fewer channels)
+    (3, 9, 11, 16, 4, 3, 2, "SAME"),
+    (4, 7, 9, 1, 4, 3, 1, "SAME"),
+    (1, 16, 16, 3, 4, 7, 2, "SAME"),  # ResNet stem
+    (1, 15, 13, 3, 4, 7, 2, 3),
+    (4, 13, 10, 3, 32, 3, 1, ((1, 2), (0, 1))),
+    (2, 15, 15, 16, 32, 5, 2, 2),
+    (2, 8, 8, 16, 32, 1, 2, "SAME"),  # ResNet downsample
+    (2, 9, 7, 3, 4, 1, 1, ((1, 0), (0, 1))),
+    (1, 10, 10, 16, 4, 3, 2, "VALID"),
+]
+
+
+def _conv_case_id(case):
+    n, h, w, ci, co, k, s, p = case
+    return f"n{n}_{h}x{w}x{ci}_k{k}s{s}_{p}".replace(" ", "")
+
+
+def _random_conv_inputs(case, dtype=jnp.float32, seed=0):
+    n, h, w, ci, co, k, s, p = case
+    kx, kk = jax.random.split(jax.random.PRNGKey(seed))
+    x = jax.random.normal(kx, (n, h, w, ci), dtype)
+    kernel = (jax.random.normal(kk, (k, k, ci, co)) * (k * k * ci) ** -0.5).astype(dtype)
+    return x, kernel
+
+
+def _assert_close(actual, desired, rtol=1e-4):
+    """Elementwise closeness with a tolerance relative to the largest reference entry."""
+    actual = np.asarray(actual, np.float64)
+    desired = np.asarray(desired, np.float64)
+    assert actual.shape == desired.shape
+    scale = max(float(np.max(np.abs(desired))), 1e-6)
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)
+
+
+def _conv_value_and_grads(case, impl, x, kernel):
+    strides, padding = case[6], case[7]
+
+    def loss(x, kernel):
+        y = layers.conv2d(x, kernel, strides, padding, impl=impl)
+        # A nonlinear loss so the cotangent differs per output element.
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(x, kernel)
+    return y, grads
+
+
+# --------------------------------------------------------------------------------------------
+# resolve_impl
+
+
+def test_resolve_impl_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert layers.resolve_impl("auto") == "im2col"
+    assert layers.resolve_impl("xla") == "xla"
+    assert layers.resolve_impl("im2col") == "im2col"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_resolve_impl_on_accelerators(backend):
+    with mock.patch("jax.default_backend", return_value=backend):
+        assert layers.resolve_impl("auto") == "xla"
+        assert layers.resolve_impl("im2col") == "im2col"
+
+
+def test_auto_is_resolved_at_trace_time():
+    x, kernel = _random_conv_inputs(CONV_CASES[2])
+    # A fresh function per trace: jax caches traces by function identity.
+    make_fn = lambda: lambda x, k: layers.conv2d(x, k, 2, "SAME")
+    assert "custom_vjp" in str(jax.make_jaxpr(make_fn())(x, kernel))
+    with mock.patch("jax.default_backend", return_value="gpu"):
+        jaxpr = str(jax.make_jaxpr(make_fn())(x, kernel))
+    assert "custom_vjp" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+@pytest.mark.parametrize("fn", [layers.resolve_impl, lambda i: layers.max_pool(jnp.ones((1, 4, 4, 1)), 2, impl=i)])
+def test_unknown_impl_raises(fn):
+    with pytest.raises(ValueError, match="auto.*xla.*im2col"):
+        fn("cudnn")
+
+
+def test_unknown_impl_raises_in_conv():
+    x, kernel = _random_conv_inputs(CONV_CASES[2])
+    with pytest.raises(ValueError, match="im2col"):
+        layers.conv2d(x, kernel, impl="direct")
+
+
+# --------------------------------------------------------------------------------------------
+# conv2d
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=_conv_case_id)
+def test_conv2d_im2col_matches_xla(case):
+    x, kernel = _random_conv_inputs(case)
+    y_ref, (dx_ref, dk_ref) = _conv_value_and_grads(case, "xla", x, kernel)
+    y, (dx, dk) = _conv_value_and_grads(case, "im2col", x, kernel)
+    assert y.dtype == y_ref.dtype == jnp.float32
+    _assert_close(y, y_ref)
+    _assert_close(dx, dx_ref)
+    _assert_close(dk, dk_ref)
+
+
+@pytest.mark.parametrize("target_chunk", [1, 3, 4])
+def test_conv2d_batch_chunking(monkeypatch, target_chunk):
+    # Batch 11 with chunks of 1 (scan only), 3 (no divisor nearby: scan + remainder) and
+    # 4 (scan + remainder): the gradients must not depend on the chunking.
+    case = (11, 9, 9, 3, 4, 3, 2, "SAME")
+    x, kernel = _random_conv_inputs(case)
+    _, (dx_ref, dk_ref) = _conv_value_and_grads(case, "xla", x, kernel)
+    per_example = 3 * 3 * 3 * 5 * 5 * 4  # kh * kw * cin * ho * wo * itemsize
+    monkeypatch.setattr(layers, "_PATCH_CHUNK_BYTES", target_chunk * per_example)
+    _, (dx, dk) = _conv_value_and_grads(case, "im2col", x, kernel)
+    _assert_close(dx, dx_ref)
+    _assert_close(dk, dk_ref)
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[8]], ids=_conv_case_id)
+def test_conv2d_bfloat16(case):
+    x, kernel = _random_conv_inputs(case, jnp.bfloat16)
+    y_ref, (dx_ref, dk_ref) = _conv_value_and_grads(case, "xla", x, kernel)
+    y, (dx, dk) = _conv_value_and_grads(case, "im2col", x, kernel)
+    assert y.dtype == y_ref.dtype == jnp.bfloat16
+    assert dx.dtype == dk.dtype == jnp.bfloat16
+    _assert_close(y, y_ref, rtol=3e-2)
+    _assert_close(dx, dx_ref, rtol=3e-2)
+    _assert_close(dk, dk_ref, rtol=3e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling
+
+# (shape, window, strides, padding)
+POOL_CASES = [
+    ((2, 8, 8, 3), 2, None, "VALID"),  # digit net
+    ((2, 9, 11, 3), 2, 2, "VALID"),  # non-divisible
+    ((2, 16, 16, 4), 3, 2, "SAME"),  # ResNet stem
+    ((2, 15, 9, 4), 3, 2, "SAME"),
+    ((3, 7, 9, 2), 3, 1, "SAME"),
+    ((2, 7, 9, 4), (3, 2), (2, 1), ((1, 0), (1, 1))),
+    ((2, 3, 5, 7, 4), 2, None, "SAME"),  # two batch dims, non-divisible SAME
+]
+
+
+def _pool_id(case):
+    return f"{case[0]}_w{case[1]}_s{case[2]}_{case[3]}".replace(" ", "")
+
+
+def _pool_value_and_grad(pool_fn, x, **kwargs):
+    def loss(x):
+        y = pool_fn(x, **kwargs)
+        return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape)), y
+
+    (_, y), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(x)
+    return y, g
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("case", POOL_CASES, ids=_pool_id)
+def test_max_pool_im2col_matches_xla(case, ties):
+    shape, window, strides, padding = case
+    x = jax.random.normal(jax.random.PRNGKey(1), shape)
+    if ties:
+        # Many equal maxima per window: both lowerings must send the gradient to the same one.
+        x = jnp.round(x)
+    kw = dict(window=window, strides=strides, padding=padding)
+    y_ref, g_ref = _pool_value_and_grad(layers.max_pool, x, impl="xla", **kw)
+    y, g = _pool_value_and_grad(layers.max_pool, x, impl="im2col", **kw)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-6, atol=1e-6)
+
+
+def test_max_pool_matches_flax_with_explicit_strides():
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 16, 16, 4))
+    ref = nn.max_pool(x, (3, 3), (2, 2), "SAME")
+    np.testing.assert_array_equal(layers.max_pool(x, 3, 2, "SAME", impl="im2col"), ref)
+    # strides=None means strides=window here (flax's own default is stride 1).
+    np.testing.assert_array_equal(
+        layers.max_pool(x, (2, 2)), nn.max_pool(x, (2, 2), (2, 2), "VALID")
+    )
+
+
+def test_max_pool_bfloat16():
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, 12, 12, 8), jnp.bfloat16)
+    y_ref, g_ref = _pool_value_and_grad(layers.max_pool, x, window=2, impl="xla")
+    y, g = _pool_value_and_grad(layers.max_pool, x, window=2, impl="im2col")
+    assert y.dtype == g.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize("count_include_pad", [True, False])
+@pytest.mark.parametrize("case", POOL_CASES[:6], ids=_pool_id)
+def test_avg_pool_im2col_matches_xla(case, count_include_pad):
+    shape, window, strides, padding = case
+    x = jax.random.normal(jax.random.PRNGKey(4), shape)
+    kw = dict(window=window, strides=strides, padding=padding, count_include_pad=count_include_pad)
+    y_ref, g_ref = _pool_value_and_grad(layers.avg_pool, x, impl="xla", **kw)
+    y, g = _pool_value_and_grad(layers.avg_pool, x, impl="im2col", **kw)
+    _assert_close(y, y_ref, rtol=1e-5)
+    _assert_close(g, g_ref, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Conv module
+
+MODULE_CASES = [
+    dict(features=32, kernel_size=(5, 5), padding="VALID"),
+    dict(features=8, kernel_size=(3, 3), strides=2, padding="SAME", use_bias=False),
+    dict(features=8, kernel_size=(7, 7), strides=(2, 2), padding=3),
+    dict(features=4, kernel_size=(1, 1), strides=2),
+    dict(features=4, kernel_size=(3, 3), padding=((1, 2), (0, 1))),
+]
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+@pytest.mark.parametrize("config", MODULE_CASES, ids=str)
+def test_conv_module_is_drop_in_for_flax(config, impl):
+    x = jax.random.normal(jax.random.PRNGKey(5), (2, 13, 12, 3))
+    flax_conv = nn.Conv(**config)
+    ours = layers.Conv(**config, impl=impl)
+    params = jax.jit(flax_conv.init)(jax.random.PRNGKey(6), x)
+    our_params = jax.jit(ours.init)(jax.random.PRNGKey(6), x)
+    shapes = lambda tree: jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), tree)
+    assert shapes(our_params) == shapes(params)
+    # Same initializers and names, so the same key gives the same parameters.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, our_params, params)
+    _assert_close(jax.jit(ours.apply)(params, x), jax.jit(flax_conv.apply)(params, x))
+
+
+def test_conv_module_defaults():
+    module = layers.Conv(features=4, kernel_size=3)
+    assert module.impl == "auto" and module.padding == "SAME" and module.use_bias
+    # Unlike nn.Conv (where an int means a 1-D kernel), an int kernel_size is square.
+    params = jax.jit(module.init)(jax.random.PRNGKey(0), jnp.ones((1, 8, 8, 2)))
+    assert params["params"]["kernel"].shape == (3, 3, 2, 4)
+
+
+@pytest.mark.parametrize("shape", [(13, 12, 3), (2, 3, 13, 12, 3)])
+def test_conv_module_batch_dims(shape):
+    x = jax.random.normal(jax.random.PRNGKey(7), shape)
+    config = dict(features=4, kernel_size=(3, 3), strides=2)
+    params = nn.Conv(**config).init(jax.random.PRNGKey(0), x)
+    ref = jax.jit(nn.Conv(**config).apply)(params, x)
+    out = jax.jit(layers.Conv(**config, impl="im2col").apply)(params, x)
+    assert out.shape == ref.shape
+    _assert_close(out, ref)
+
+
+@pytest.mark.parametrize("impl", ["xla", "im2col"])
+def test_conv_module_bfloat16(impl):
+    x = jax.random.normal(jax.random.PRNGKey(8), (4, 28, 28, 3))
+    config = dict(features=32, kernel_size=(5, 5), padding="VALID", dtype=jnp.bfloat16)
+    module = layers.Conv(**config, impl=impl)
+    params = module.init(jax.random.PRNGKey(9), x)
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+    def loss(params):
+        y = module.apply(params, x)
+        return jnp.sum(y.astype(jnp.float32) ** 2), y
+
+    (_, y), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    assert y.dtype == jnp.bfloat16
+    assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
+    ref = nn.Conv(**config).apply(params, x)
+    _assert_close(y, ref, rtol=3e-2)
