@@ -48,16 +48,24 @@ def _conv_macs(batch: int, size: int) -> list[int]:
     return macs
 
 
-def _time(fn, args, iters: int, warmup: int) -> tuple[float, float]:
-    """(median, min) wall time in ms of jit-compiled ``fn(*args)``."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+def _time_interleaved(fns: dict, args, iters: int, warmup: int) -> dict:
+    """name -> (median, min) wall ms of ``fn(*args)`` for each jitted fn.
+
+    Samples of the different functions are interleaved so that load from other processes
+    (shared dev boxes) biases all of them alike.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for i in range(iters):
+        # Rotate the order too: a run right after a memory-hungry one is slower.
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            t0 = time.perf_counter()
+            jax.block_until_ready(fns[name](*args))
+            times[name].append(time.perf_counter() - t0)
+    return {name: (statistics.median(t) * 1e3, min(t) * 1e3) for name, t in times.items()}
 
 
 def main(argv=None) -> None:
@@ -93,17 +101,21 @@ def main(argv=None) -> None:
     if args.matmul:
         n = args.matmul
         a = jax.random.normal(keys[-1], (n, n), jnp.float32)
-        med, best = _time(jax.jit(lambda a: a @ a), (a,), args.iters, args.warmup)
+        med, best = _time_interleaved(
+            {"mm": jax.jit(lambda a: a @ a)}, (a,), args.iters, args.warmup
+        )["mm"]
         ref_rate = 2 * n**3 / med / 1e6
         rows.append((f"matmul {n}x{n}x{n} fp32", "", med, best, 2 * n**3))
 
+    fns, flops = {}, {}
     for impl in args.impls.split(","):
         loss = lambda p, x, impl=impl: jnp.sum(_digit_features(p, x, impl).astype(jnp.float32))
-        fwd = jax.jit(loss)
-        fwd_bwd = jax.jit(jax.value_and_grad(loss, argnums=argnums))
-        for name, fn, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, fwd_flops + bwd_flops)):
-            med, best = _time(fn, (params, x), args.iters, args.warmup)
-            rows.append((impl, name, med, best, flops))
+        fns[(impl, "fwd")] = jax.jit(loss)
+        fns[(impl, "fwd+bwd")] = jax.jit(jax.value_and_grad(loss, argnums=argnums))
+        flops[(impl, "fwd")] = fwd_flops
+        flops[(impl, "fwd+bwd")] = fwd_flops + bwd_flops
+    for key, (med, best) in _time_interleaved(fns, (params, x), args.iters, args.warmup).items():
+        rows.append((*key, med, best, flops[key]))
 
     print(
         f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "

@@ -412,7 +412,7 @@ def synthetic_data(
         seed: numpy seed.
 
     Returns:
-        ``(source_train, target_train, target_test, source_test)`` in the forms ``train_dann``
+        ``(source_train, target_train, source_test, target_test)`` in the forms ``train_dann``
         takes. Accuracies on it are chance level by construction.
     """
     rng = np.random.default_rng(seed)
@@ -421,8 +421,8 @@ def synthetic_data(
     return (
         (img(n_train, 1), lab(n_train)),
         img(n_train, 3),
-        (img(n_test, 3), lab(n_test)),
         (img(n_test, 1), lab(n_test)),
+        (img(n_test, 3), lab(n_test)),
     )
 
 
@@ -433,7 +433,8 @@ def load_embedded_digits(data_dir: str | None = None) -> tuple[dict, dict, dict,
         data_dir: Passed to ``tljax.data.load_split``.
 
     Returns:
-        ``(source_train, target_train, target_test, source_test)`` as ``load_split`` dicts.
+        ``(source_train, target_train, source_test, target_test)`` as ``load_split`` dicts
+        (benchmarks/speed_dann.py unpacks this order).
     """
     try:
         import tljax  # noqa: F401
@@ -445,8 +446,8 @@ def load_embedded_digits(data_dir: str | None = None) -> tuple[dict, dict, dict,
     return (
         load_split("embedded_digits/mnist", "train", data_dir=data_dir),
         load_split("embedded_digits/mnist_m", "train", data_dir=data_dir),
-        load_split("embedded_digits/mnist_m", "test", data_dir=data_dir),
         load_split("embedded_digits/mnist", "test", data_dir=data_dir),
+        load_split("embedded_digits/mnist_m", "test", data_dir=data_dir),
     )
 
 
@@ -502,13 +503,13 @@ def main(argv: list[str] | None = None) -> None:
                 r = train_dann(
                     data[0],
                     data[1],
-                    data[2],
+                    data[3],
                     steps=args.steps,
                     batch_per_domain=b,
                     adversarial=method == "dann",
                     seed=seed,
                     threads=threads,
-                    source_test=data[3],
+                    source_test=data[2],
                     pool_before_relu=pool_first,
                 )
                 print(

@@ -88,7 +88,9 @@ def test_auto_is_resolved_at_trace_time():
     assert "custom_vjp" not in jaxpr and "conv_general_dilated" in jaxpr
 
 
-@pytest.mark.parametrize("fn", [layers.resolve_impl, lambda i: layers.max_pool(jnp.ones((1, 4, 4, 1)), 2, impl=i)])
+@pytest.mark.parametrize(
+    "fn", [layers.resolve_impl, lambda i: layers.max_pool(jnp.ones((1, 4, 4, 1)), 2, impl=i)]
+)
 def test_unknown_impl_raises(fn):
     with pytest.raises(ValueError, match="auto.*xla.*im2col"):
         fn("cudnn")
@@ -110,7 +112,9 @@ def test_conv2d_im2col_matches_xla(case):
     y_ref, (dx_ref, dk_ref) = _conv_value_and_grads(case, "xla", x, kernel)
     y, (dx, dk) = _conv_value_and_grads(case, "im2col", x, kernel)
     assert y.dtype == y_ref.dtype == jnp.float32
-    _assert_close(y, y_ref)
+    _assert_close(y, y_ref)  # The forward pass used under differentiation...
+    conv = jax.jit(layers.conv2d, static_argnums=(2, 3, 4))
+    _assert_close(conv(x, kernel, case[6], case[7], "im2col"), y_ref)  # ...and the one without.
     _assert_close(dx, dx_ref)
     _assert_close(dk, dk_ref)
 

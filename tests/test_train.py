@@ -1,5 +1,6 @@
 """The trainer end to end: checkpoints, results.json, resume, sharding, failures."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -87,3 +88,22 @@ def test_non_finite_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_dan
         train.train_and_evaluate(tiny_dann_config, str(tmp_path))
     params = _final_params(str(tmp_path))
     assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_train_step_is_traced_and_compiled_once_per_run(tiny_dann_config, tmp_path, monkeypatch):
+    traces = []
+    build = train.methods.build
+
+    def counting_build(config):
+        method = build(config)
+
+        def loss_fn(*args):
+            traces.append(1)
+            return method.loss_fn(*args)
+
+        return dataclasses.replace(method, loss_fn=loss_fn)
+
+    monkeypatch.setattr(train.methods, "build", counting_build)
+    results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
+    assert len(traces) == 1
+    assert results["compile_time_s"] > 0

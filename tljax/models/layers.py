@@ -1,19 +1,29 @@
 """Convolution and pooling layers with CPU-efficient lowerings.
 
-XLA:CPU is a poor fit for the small convnets used in transfer-learning experiments: the forward
-convolution is lowered to a tiled kernel that runs reasonably, but the two backward convolutions
-are not. The kernel gradient is emitted as a convolution whose "window" is the whole feature map
-and the input gradient as a fully padded convolution that falls back to a generic loop; on a
-2-core machine they run at 5-20 GFLOP/s while a plain matmul runs at 100+ GFLOP/s. Max-pool's
-backward (``select_and_scatter``) is similarly slow. Everything here therefore has two lowerings:
+Why: under differentiation, XLA:CPU runs the small convnets of transfer-learning experiments at
+a tenth of its matmul speed. The forward convolution alone is fine when XLA can fuse it with the
+ops around it into one tiled YNNPACK kernel (inference), but its two backward convolutions are
+lowered as a convolution whose window is the whole feature map (kernel gradient) and a fully
+padded convolution outside the tiled kernels (input gradient), and max-pool's backward
+(``select_and_scatter``) is ~25x slower than an elementwise formulation. Every layer here
+therefore has two lowerings:
 
-* ``'xla'``: the textbook ``lax.conv_general_dilated`` / ``flax.linen.max_pool``. Best on GPU/TPU.
-* ``'im2col'``: convolution gradients expressed as matmuls over image patches, and pooling as
-  reshapes / strided slices with elementwise ``max``. Best on CPU.
+* ``'xla'``: ``lax.conv_general_dilated`` / ``flax.linen.max_pool``. Use on GPU/TPU.
+* ``'im2col'``: under differentiation, the convolution's forward pass and both gradients are
+  matmuls over image patches, built over chunks of the batch so the patches stay in cache;
+  max-pool's gradient is a handful of fused elementwise ops. Without differentiation both keep
+  the native ops, which fuse best. Use on CPU.
 
 ``impl='auto'`` (the default everywhere) picks ``'im2col'`` when ``jax.default_backend()`` is
-``'cpu'`` and ``'xla'`` otherwise. Both lowerings compute the same function (up to float
-rounding) with the same parameter layout, so a checkpoint trained with one runs under the other.
+``'cpu'`` and ``'xla'`` otherwise. Both lowerings compute the same function with the same
+parameters (outputs and gradients agree to float rounding; max-pool gradients, ties included,
+agree exactly), so a checkpoint trained with one runs under the other.
+
+On the DANN digit net (batch 256, 2-core CPU) a forward+backward step is ~3x faster with
+``'im2col'``; see ``benchmarks/conv_lowering.py``. Much of what remains is page faults: glibc
+hands XLA's large per-step buffers back to the OS and every step faults them in again, at about
+1 ms per MB on a VM. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> MALLOC_ARENA_MAX=1`` in
+the environment removes those faults and roughly halves the step time again (either impl).
 """
 
 from __future__ import annotations
@@ -45,11 +55,11 @@ Pads = tuple[tuple[int, int], tuple[int, int]]
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 
-# Bytes of one batch chunk of the (kh*kw*cin, chunk*ho*wo) patch matrix built for the kernel
-# gradient. Materialising the patches of a whole batch costs more than the matmul itself: tens of
-# MB of freshly allocated memory, which on CPU means page faults on every step. Chunks of a few MB
-# stay in cache and are reused by every iteration of the scan. Measured optimum on the digit net
-# is 1-4 MB; the result is flat in that range.
+# Target size of the per-chunk patch matrix (chunk * ho * wo * kh * kw * cin elements). The
+# patches of a whole batch (44 MB for the digit net's first conv) cost more to materialise than
+# the matmul that consumes them, mostly in page faults on the freshly allocated buffer; a chunk of
+# a few MB is allocated once per step, reused by every iteration of the scan and stays in cache.
+# On the digit net the step time is within noise between 1.5 and 12 MB.
 _PATCH_CHUNK_BYTES = 3 * 2**20
 
 
@@ -80,7 +90,9 @@ def resolve_impl(impl: str) -> str:
 # Argument canonicalisation (same conventions as flax.linen.Conv / flax.linen.pooling).
 
 
-def _pair(value: int | Sequence[int] | None, name: str, default: tuple[int, int]) -> tuple[int, int]:
+def _pair(
+    value: int | Sequence[int] | None, name: str, default: tuple[int, int]
+) -> tuple[int, int]:
     if value is None:
         return default
     if isinstance(value, int):
@@ -122,13 +134,20 @@ def _out_size(size: int, k: int, stride: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - k) // stride + 1
 
 
+def _pad_spatial(x: Array, pads: Pads, value=0) -> Array:
+    if all(p == (0, 0) for p in pads):
+        return x
+    return jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=value)
+
+
 def _strided_slices(x: Array, axis: int, k: int, stride: int, out: int) -> list[Array]:
     """The ``k`` kernel-offset slices ``x[..., i : i + stride * out : stride, ...]``."""
     return [lax.slice_in_dim(x, i, i + stride * (out - 1) + 1, stride, axis) for i in range(k)]
 
 
 def _flatten_batch(x: Array) -> tuple[Array, Callable[[Array], Array]]:
-    """Maps ``(*batch, H, W, C)`` to ``(N, H, W, C)`` and returns the inverse for outputs."""
+    """Maps ``(*batch, H, W, C)`` (any number of batch dims, including none) to
+    ``(N, H, W, C)`` and returns the inverse for outputs."""
     if x.ndim < 3:
         raise ValueError(f"Expected (*batch, H, W, C) input, got shape {x.shape}.")
     batch = x.shape[:-3]
@@ -143,50 +162,48 @@ def _flatten_batch(x: Array) -> tuple[Array, Callable[[Array], Array]]:
 
 
 def _conv_xla(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
-    return lax.conv_general_dilated(
-        x, kernel, strides, pads, dimension_numbers=_DIMENSION_NUMBERS
-    )
+    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSION_NUMBERS)
 
 
 def _conv_1x1(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
-    # A 1x1 convolution is a matmul over the (strided) pixels; autodiff of this gives plain
-    # matmuls for both gradients, unlike the whole-image-window convolution XLA emits for dK.
-    if any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    x = x[:, :: strides[0], :: strides[1], :]
-    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+    # A 1x1 convolution is a matmul over the (strided) pixels, and autodiff of a matmul gives
+    # matmuls for both gradients. No chunking needed: there is no patch expansion.
+    ct = _compute_dtype(x.dtype)
+    xs = _pad_spatial(x, pads)[:, :: strides[0], :: strides[1], :]
+    y = lax.dot_general(xs.astype(ct), kernel[0, 0].astype(ct), (((3,), (0,)), ((), ())))
+    return y.astype(x.dtype)
+
+
+def _patches(x: Array, kh: int, kw: int, strides: tuple[int, int], pads: Pads) -> Array:
+    """Channels-last im2col: ``(B, ho, wo, kh * kw * C)``, channels ordered like
+    ``kernel.reshape(kh * kw * C, cout)``."""
+    h, w = x.shape[1:3]
+    ho = _out_size(h, kh, strides[0], pads[0])
+    wo = _out_size(w, kw, strides[1], pads[1])
+    rows = _strided_slices(_pad_spatial(x, pads), 1, kh, strides[0], ho)
+    return jnp.concatenate([s for r in rows for s in _strided_slices(r, 2, kw, strides[1], wo)], -1)
 
 
 def _patches_t(x: Array, kh: int, kw: int, strides: tuple[int, int], pads: Pads) -> Array:
-    """Transposed im2col matrix of a batch chunk.
+    """Channel-major im2col: ``(kh * kw * C, B * ho * wo)``.
 
-    Args:
-      x: ``(B, H, W, C)`` unpadded input chunk.
-      kh, kw: kernel size.
-      strides: convolution strides.
-      pads: explicit padding.
-
-    Returns:
-      ``(kh * kw * C, B * ho * wo)``; rows ordered like ``kernel.reshape(kh * kw * C, cout)``,
-      columns like ``dy.reshape(B * ho * wo, cout)``.
+    Rows are ordered like ``kernel.reshape(kh * kw * C, cout)`` and columns like
+    ``dy.reshape(B * ho * wo, cout)``, so ``patches_t @ dy`` is the kernel gradient.
     """
     b, h, w, c = x.shape
     ho = _out_size(h, kh, strides[0], pads[0])
     wo = _out_size(w, kw, strides[1], pads[1])
-    if any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    # Channel-major layout makes every kernel-offset slice a copy of contiguous runs of `wo`
-    # (then `ho * wo`) elements. The channels-last concatenation instead moves runs of `cin`
-    # elements (3 for RGB input), which XLA:CPU copies several times slower. Slicing W first and
-    # then H halves the number of slice ops (kh + kw instead of kh * kw separate copies).
-    xt = jnp.transpose(x, (3, 0, 1, 2))  # C, B, Hp, Wp
+    # In this layout every kernel-offset slice copies contiguous runs of `wo` elements, while the
+    # channels-last concatenation copies runs of `cin` (3 for RGB input): 1.5-2x faster for the
+    # kernel gradient. (For the forward matmul the transposed operand costs more than it saves.)
+    xt = jnp.transpose(_pad_spatial(x, pads), (3, 0, 1, 2))  # C, B, Hp, Wp
     cols = jnp.stack(_strided_slices(xt, 3, kw, strides[1], wo), 0)  # kw, C, B, Hp, wo
     rows = jnp.stack(_strided_slices(cols, 3, kh, strides[0], ho), 0)  # kh, kw, C, B, ho, wo
     return rows.reshape(kh * kw * c, b * ho * wo)
 
 
 def _chunk_size(n: int, target: int) -> int:
-    """A chunk size near ``target``; a divisor of ``n`` if one is within 2x (no remainder)."""
+    """A batch chunk near ``target``; a divisor of ``n`` if there is one within 2x."""
     target = max(1, min(n, target))
     for c in range(target, max(1, target // 2) - 1, -1):
         if n % c == 0:
@@ -194,131 +211,126 @@ def _chunk_size(n: int, target: int) -> int:
     return target
 
 
-def _kernel_grad(x: Array, dy: Array, kernel_shape, strides: tuple[int, int], pads: Pads) -> Array:
-    """``dL/dkernel`` as a sum over batch chunks of ``patches^T @ dy`` (float32 accumulation)."""
-    kh, kw, cin, cout = kernel_shape
-    n = x.shape[0]
-    ho, wo = dy.shape[1:3]
-    per_example = kh * kw * cin * ho * wo * x.dtype.itemsize
-    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(per_example, 1))
+def _compute_dtype(dtype) -> Any:
+    # Half-precision operands are widened per chunk (cheap: the chunk is in cache) because
+    # XLA:CPU's bf16 matmuls are ~2x slower than fp32 on CPUs without bf16 units, and so that
+    # accumulation happens in fp32 as in lax.conv. Outputs keep the input dtype.
+    return jnp.promote_types(dtype, jnp.float32)
 
-    def chunk_grad(xc: Array, dyc: Array) -> Array:
-        p = _patches_t(xc, kh, kw, strides, pads)
-        return lax.dot_general(
-            p,
-            dyc.reshape(-1, cout),
-            (((1,), (0,)), ((), ())),
-            preferred_element_type=jnp.float32,
-        )
 
+def _batch_chunks(kernel_shape, out_hw, itemsize: int, n: int) -> int:
+    kh, kw, cin, _ = kernel_shape
+    per_example = kh * kw * cin * out_hw[0] * out_hw[1] * itemsize
+    return _chunk_size(n, _PATCH_CHUNK_BYTES // max(per_example, 1))
+
+
+def _chunked_map(fn: Callable[..., Array], arrays: tuple[Array, ...], chunk: int) -> Array:
+    """``concatenate([fn(*chunk_of_arrays) ...])`` over batch chunks, as a scan."""
+    n = arrays[0].shape[0]
     num_chunks, rem = divmod(n, chunk)
     if num_chunks <= 1:
-        acc = chunk_grad(x[:chunk], dy[:chunk])
+        parts = [fn(*(a[:chunk] for a in arrays))]
     else:
-        # A scan (rather than one big matmul) keeps the patch matrix in cache: see
-        # _PATCH_CHUNK_BYTES.
-        def body(acc, xs):
-            return acc + chunk_grad(*xs), None
-
-        split = lambda a: a[: num_chunks * chunk].reshape((num_chunks, chunk, *a.shape[1:]))
-        acc, _ = lax.scan(body, jnp.zeros((kh * kw * cin, cout), jnp.float32), (split(x), split(dy)))
+        main = tuple(
+            a[: num_chunks * chunk].reshape((num_chunks, chunk, *a.shape[1:])) for a in arrays
+        )
+        _, ys = lax.scan(lambda carry, xs: (carry, fn(*xs)), None, main)
+        parts = [ys.reshape((num_chunks * chunk, *ys.shape[2:]))]
     if rem:
-        acc = acc + chunk_grad(x[n - rem :], dy[n - rem :])
-    return acc.reshape(kernel_shape)
+        parts.append(fn(*(a[n - rem :] for a in arrays)))
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts)
 
 
-def _patches_nhwc(x: Array, kh: int, kw: int, strides: tuple[int, int], pads: Pads) -> Array:
-    """``(B, ho, wo, kh * kw * C)`` patches, channel order matching ``kernel.reshape``."""
-    h, w = x.shape[1:3]
-    ho = _out_size(h, kh, strides[0], pads[0])
-    wo = _out_size(w, kw, strides[1], pads[1])
-    if any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
-    rows = _strided_slices(x, 1, kh, strides[0], ho)
-    return jnp.concatenate([s for r in rows for s in _strided_slices(r, 2, kw, strides[1], wo)], -1)
+def _chunked_sum(fn: Callable[..., Array], arrays: tuple[Array, ...], chunk: int) -> Array:
+    """``sum(fn(*chunk_of_arrays) ...)`` over batch chunks, as a scan."""
+    n = arrays[0].shape[0]
+    num_chunks, rem = divmod(n, chunk)
+    if num_chunks <= 1:
+        total = fn(*(a[:chunk] for a in arrays))
+    else:
+        main = tuple(
+            a[: num_chunks * chunk].reshape((num_chunks, chunk, *a.shape[1:])) for a in arrays
+        )
+        init = jax.eval_shape(fn, *(a[0] for a in main))
+        total, _ = lax.scan(
+            lambda acc, xs: (acc + fn(*xs), None), jnp.zeros(init.shape, init.dtype), main
+        )
+    if rem:
+        total = total + fn(*(a[n - rem :] for a in arrays))
+    return total
 
 
-def _input_grad_col2im(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
+# Every im2col step runs over batch chunks (see _PATCH_CHUNK_BYTES): materialising the patches
+# of a whole batch costs more than the matmul, and most of that is page faults on the fresh
+# buffers, not copying.
+
+
+def _conv_forward(x: Array, kernel: Array, strides, pads) -> Array:
     kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x_shape
-    ho, wo = dy.shape[1:3]
-    km = kernel.reshape(kh * kw * cin, cout)
-    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(kh * kw * cin * ho * wo * dy.dtype.itemsize, 1))
+    out_hw = (
+        _out_size(x.shape[1], kh, strides[0], pads[0]),
+        _out_size(x.shape[2], kw, strides[1], pads[1]),
+    )
+    ct = _compute_dtype(x.dtype)
+    km = kernel.reshape(kh * kw * cin, cout).astype(ct)
+
+    def chunk_out(xc):
+        p = _patches(xc.astype(ct), kh, kw, strides, pads)
+        return lax.dot_general(p, km, (((3,), (0,)), ((), ())))
+
+    chunk = _batch_chunks(kernel.shape, out_hw, ct.itemsize, x.shape[0])
+    # Cast after the scan: XLA fuses a cast inside the scan body into the update of the stacked
+    # output and then re-converts the whole stack on every iteration.
+    return _chunked_map(chunk_out, (x,), chunk).astype(x.dtype)
+
+
+def _conv_kernel_grad(x: Array, dy: Array, kernel_shape, strides, pads) -> Array:
+    kh, kw, _, cout = kernel_shape
+    ct = _compute_dtype(x.dtype)
+
+    def chunk_grad(xc, dyc):
+        p = _patches_t(xc.astype(ct), kh, kw, strides, pads)
+        return lax.dot_general(p, dyc.reshape(-1, cout).astype(ct), (((1,), (0,)), ((), ())))
+
+    chunk = _batch_chunks(kernel_shape, dy.shape[1:3], ct.itemsize, x.shape[0])
+    return _chunked_sum(chunk_grad, (x, dy), chunk).reshape(kernel_shape)
+
+
+def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
+    kh, kw, cin, cout = kernel.shape
+    ct = _compute_dtype(dy.dtype)
+    km = kernel.reshape(kh * kw * cin, cout).astype(ct)
 
     def chunk_grad(dyc):
-        dp = lax.dot_general(dyc, km, (((3,), (1,)), ((), ())))
-        aval = jax.ShapeDtypeStruct((dyc.shape[0], h, w, cin), dy.dtype)
-        return jax.linear_transpose(lambda z: _patches_nhwc(z, kh, kw, strides, pads), aval)(dp)[0]
+        # col2im: the transpose of the patch extraction scatter-adds the kh*kw slices of the
+        # patch gradient back (pads and adds that XLA fuses into one loop). This beats XLA's
+        # transposed convolution, which is not one of the tiled (YNNPACK) kernels.
+        dp = lax.dot_general(dyc.astype(ct), km, (((3,), (1,)), ((), ())))
+        aval = jax.ShapeDtypeStruct((dyc.shape[0], *x_shape[1:]), ct)
+        (dx,) = jax.linear_transpose(lambda z: _patches(z, kh, kw, strides, pads), aval)(dp)
+        return dx
 
-    num_chunks, rem = divmod(n, chunk)
-    if num_chunks <= 1:
-        return chunk_grad(dy) if not rem else jnp.concatenate([chunk_grad(dy[:chunk]), chunk_grad(dy[chunk:])])
-    main = dy[: num_chunks * chunk].reshape((num_chunks, chunk, *dy.shape[1:]))
-    _, dx = lax.scan(lambda c, d: (c, chunk_grad(d)), None, main)
-    dx = dx.reshape((num_chunks * chunk, h, w, cin))
-    if rem:
-        dx = jnp.concatenate([dx, chunk_grad(dy[n - rem :])])
-    return dx
-
-
-_DX_MODE = "xla"
+    chunk = _batch_chunks(kernel.shape, dy.shape[1:3], ct.itemsize, dy.shape[0])
+    return _chunked_map(chunk_grad, (dy,), chunk).astype(dy.dtype)  # See _conv_forward.
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
-    # The forward pass is the native convolution: XLA:CPU lowers it to a tiled im2col kernel
-    # (YNNPACK) that runs at matmul speed without materialising the patches. Only the backward
-    # pass needs replacing.
+    # Not differentiated (inference): the native convolution, which XLA:CPU fuses together with
+    # the surrounding bias/ReLU/pooling into one tiled YNNPACK kernel. Under differentiation the
+    # output has to be materialised, and the kernel on its own is slower than the chunked im2col
+    # matmul (and page-faults far more scratch memory): 200 -> 150 ms per digit-net step.
     return _conv_xla(x, kernel, strides, pads)
 
 
-_FWD_MODE = "xla"
-
-
-def _conv_matmul_chunked(x: Array, kernel: Array, strides, pads) -> Array:
-    kh, kw, cin, cout = kernel.shape
-    n, h, w, _ = x.shape
-    ho = _out_size(h, kh, strides[0], pads[0])
-    wo = _out_size(w, kw, strides[1], pads[1])
-    km = kernel.reshape(kh * kw * cin, cout)
-    chunk = _chunk_size(n, _PATCH_CHUNK_BYTES // max(kh * kw * cin * ho * wo * x.dtype.itemsize, 1))
-
-    def chunk_out(xc):
-        return lax.dot_general(
-            _patches_nhwc(xc, kh, kw, strides, pads), km, (((3,), (0,)), ((), ()))
-        )
-
-    num_chunks, rem = divmod(n, chunk)
-    if num_chunks <= 1:
-        return chunk_out(x) if not rem else jnp.concatenate([chunk_out(x[:chunk]), chunk_out(x[chunk:])])
-    main = x[: num_chunks * chunk].reshape((num_chunks, chunk, *x.shape[1:]))
-    _, y = lax.scan(lambda c, d: (c, chunk_out(d)), None, main)
-    y = y.reshape((num_chunks * chunk, ho, wo, cout))
-    if rem:
-        y = jnp.concatenate([y, chunk_out(x[n - rem :])])
-    return y
-
-
 def _conv_im2col_fwd(x, kernel, strides, pads):
-    if _FWD_MODE == "im2col":
-        return _conv_matmul_chunked(x, kernel, strides, pads), (x, kernel)
-    return _conv_xla(x, kernel, strides, pads), (x, kernel)
+    return _conv_forward(x, kernel, strides, pads), (x, kernel)
 
 
 def _conv_im2col_bwd(strides, pads, res, dy):
     x, kernel = res
-    x, dy = lax.optimization_barrier((x, dy))
-    dkernel = _kernel_grad(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
-    # The input gradient is the transposed convolution. XLA's own lowering of it is a
-    # (non-tiled) convolution that is still within 2x of matmul speed for these shapes, and
-    # beats col2im, whose scatter-add of kh*kw shifted copies is memory bound.
-    if _DX_MODE == "col2im":
-        dx = _input_grad_col2im(dy, kernel, x.shape, strides, pads)
-        return dx, dkernel
-    (dx,) = jax.linear_transpose(
-        functools.partial(_conv_xla, kernel=kernel, strides=strides, pads=pads),
-        jax.ShapeDtypeStruct(x.shape, x.dtype),
-    )(dy)
+    dkernel = _conv_kernel_grad(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
+    dx = _conv_input_grad(dy, kernel, x.shape, strides, pads)
     return dx, dkernel
 
 
@@ -366,17 +378,12 @@ def _pool_pads(x: Array, window, strides, padding) -> Pads:
     return _explicit_pads(padding, x.shape[1:3], window, strides)
 
 
-def _max_pool_cpu(x: Array, window, strides, pads: Pads) -> Array:
-    return _max_pool_vjp(x, window, strides, pads)
-
-
 def _window_views(x: Array, window, strides, pads: Pads, fill) -> tuple[list[Array], Any]:
     """The kh*kw kernel-offset views of the padded input, each of output shape."""
     n, h, w, c = x.shape
     ho = _out_size(h, window[0], strides[0], pads[0])
     wo = _out_size(w, window[1], strides[1], pads[1])
-    if any(p != (0, 0) for p in pads):
-        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=fill)
+    x = _pad_spatial(x, pads, fill)
     if tuple(window) == tuple(strides):
         # Non-overlapping windows: a reshape exposes each window offset as an axis, so no
         # strided copies are needed.
@@ -391,40 +398,79 @@ def _window_views(x: Array, window, strides, pads: Pads, fill) -> tuple[list[Arr
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _max_pool_vjp(x: Array, window, strides, pads: Pads) -> Array:
-    # The forward pass is the native reduction: XLA:CPU fuses it (and the convolutions and
-    # elementwise ops around it) into one tiled YNNPACK kernel, and any other formulation here
-    # (e.g. strided slices) splits that kernel and costs several times more than the pooling.
+def _max_pool_cpu(x: Array, window, strides, pads: Pads) -> Array:
+    # Not differentiated: the native reduction, which XLA:CPU fuses with the surrounding ops
+    # (convolution, bias, ReLU) into one tiled YNNPACK kernel.
     return nn.max_pool(x, window, strides, pads)
 
 
-def _max_pool_fwd(x, window, strides, pads):
-    y = _max_pool_vjp(x, window, strides, pads)
-    return y, (x, y)
-
-
-def _max_pool_bwd(window, strides, pads, res, g):
-    # Routes each output gradient to the first maximum of its window in row-major order, which
-    # is exactly what XLA's select_and_scatter does (so gradients match impl='xla' even with
-    # ties, e.g. bf16), but as elementwise ops that fuse into one loop.
-    x, y = res
-    views, (ho, wo) = _window_views(x, window, strides, pads, -jnp.inf)
-    taken = jnp.zeros(y.shape, bool)
-    parts = []
-    for v in views:
-        hit = (v == y) & ~taken
-        taken = taken | hit
-        parts.append(jnp.where(hit, g, jnp.zeros((), g.dtype)))
+def _max_pool_cpu_fwd(x, window, strides, pads):
+    # Returns the max and, for the backward pass, the offset of the first maximum in each window
+    # (row-major: the element XLA's select_and_scatter picks, so gradients match impl='xla' even
+    # with ties). Both come out of reductions, so XLA materialises the small offset array rather
+    # than fusing its computation into (and repeating it in) each term of the backward scatter.
     kh, kw = window
     n, h, w, c = x.shape
+    offset_dtype = jnp.int8 if kh * kw < 128 else jnp.int32
+    if tuple(window) == tuple(strides):
+        ho = _out_size(h, kh, kh, pads[0])
+        wo = _out_size(w, kw, kw, pads[1])
+        xp = _pad_spatial(x, pads, -jnp.inf)[:, : ho * kh, : wo * kw]
+        # Window offsets on the last axis; the transpose fuses into the reduction.
+        xw = xp.reshape(n, ho, kh, wo, kw, c).transpose(0, 1, 3, 5, 2, 4).reshape(n, ho, wo, c, -1)
+        y, first = lax.reduce(
+            (xw, lax.broadcasted_iota(jnp.int32, xw.shape, 4)),
+            (jnp.array(-jnp.inf, x.dtype), jnp.array(np.iinfo(np.int32).max, jnp.int32)),
+            _first_max,
+            (4,),
+        )
+        return y, (first.astype(offset_dtype), _shape_token(x))
+
+    rows = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    cols = lax.broadcasted_iota(jnp.int32, x.shape, 2)
+    y, pos = lax.reduce_window(
+        (x, rows * w + cols),
+        (jnp.array(-jnp.inf, x.dtype), jnp.array(np.iinfo(np.int32).max, jnp.int32)),
+        _first_max,
+        (1, kh, kw, 1),
+        (1, *strides, 1),
+        ((0, 0), *pads, (0, 0)),
+    )
+    ho, wo = y.shape[1:3]
+    di = pos // w + pads[0][0] - strides[0] * jnp.arange(ho)[:, None, None]
+    dj = pos % w + pads[1][0] - strides[1] * jnp.arange(wo)[:, None]
+    return y, ((di * kw + dj).astype(offset_dtype), _shape_token(x))
+
+
+def _first_max(a, b):
+    """Reducer over (value, index) pairs: the max, ties (and NaNs) going to the lower index."""
+    (av, ai), (bv, bi) = a, b
+    a_nan, b_nan = jnp.isnan(av), jnp.isnan(bv)
+    a_wins = (av > bv) | (a_nan & ~b_nan) | (((av == bv) | (a_nan & b_nan)) & (ai < bi))
+    return jnp.where(a_wins, av, bv), jnp.where(a_wins, ai, bi)
+
+
+def _shape_token(x: Array) -> Array:
+    # Residuals must be arrays: an empty one carries the input's spatial shape to the backward.
+    return jnp.zeros((0, *x.shape[1:3], 0), x.dtype)
+
+
+def _max_pool_cpu_bwd(window, strides, pads, res, g):
+    # Scatter of the gradient to the recorded offsets as elementwise selects plus a transpose
+    # (non-overlapping windows) or kh*kw interior-padded pads and adds (overlapping windows),
+    # both single fused loops; XLA's select_and_scatter is 5-20x slower on CPU.
+    first, x_hw = res
+    kh, kw = window
+    n, ho, wo, c = g.shape
+    h, w = x_hw.shape[1:3]
     hp, wp = h + pads[0][0] + pads[0][1], w + pads[1][0] + pads[1][1]
+    zero = jnp.zeros((), g.dtype)
+    parts = [jnp.where(first == t, g, zero) for t in range(kh * kw)]
     if tuple(window) == tuple(strides):
         dxp = jnp.stack(parts, 3).reshape(n, ho, wo, kh, kw, c)
         dxp = dxp.transpose(0, 1, 3, 2, 4, 5).reshape(n, ho * kh, wo * kw, c)
         dxp = jnp.pad(dxp, ((0, 0), (0, hp - ho * kh), (0, wp - wo * kw), (0, 0)))
     else:
-        # Transpose of the strided slices: scatter each offset's contribution back with an
-        # interior-padded pad and sum (one fused loop).
         dxp = None
         for t, part in enumerate(parts):
             i, j = divmod(t, kw)
@@ -434,13 +480,12 @@ def _max_pool_bwd(window, strides, pads, res, g):
                 (j, wp - j - strides[1] * (wo - 1) - 1, strides[1] - 1),
                 (0, 0, 0),
             )
-            term = lax.pad(part, jnp.zeros((), part.dtype), cfg)
+            term = lax.pad(part, zero, cfg)
             dxp = term if dxp is None else dxp + term
-    dx = dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
-    return (dx,)
+    return (dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w],)
 
 
-_max_pool_vjp.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_cpu.defvjp(_max_pool_cpu_fwd, _max_pool_cpu_bwd)
 
 
 def max_pool(
@@ -474,7 +519,7 @@ def max_pool(
     pads = _pool_pads(x, window, strides, padding)
     if impl == "xla":
         return unflatten(nn.max_pool(x, window, strides, pads))
-    return unflatten(_max_pool_vjp(x, window, strides, pads))
+    return unflatten(_max_pool_cpu(x, window, strides, pads))
 
 
 def avg_pool(
@@ -564,8 +609,6 @@ class Conv(nn.Module):
           ``(*batch, Ho, Wo, features)`` output.
         """
         kernel_size = _pair(self.kernel_size, "kernel_size", (1, 1))
-        if inputs.ndim == 3:
-            return self(inputs[None])[0]
         inputs, unflatten = _flatten_batch(inputs)
         kernel = self.param(
             "kernel",
