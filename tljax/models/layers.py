@@ -1,29 +1,29 @@
 """Convolution and pooling layers with CPU-efficient lowerings.
 
-Why: under differentiation, XLA:CPU runs the small convnets of transfer-learning experiments at
-a tenth of its matmul speed. The forward convolution alone is fine when XLA can fuse it with the
-ops around it into one tiled YNNPACK kernel (inference), but its two backward convolutions are
-lowered as a convolution whose window is the whole feature map (kernel gradient) and a fully
-padded convolution outside the tiled kernels (input gradient), and max-pool's backward
-(``select_and_scatter``) is ~25x slower than an elementwise formulation. Every layer here
-therefore has two lowerings:
+Why: under differentiation, XLA:CPU runs small convnets at a tenth of its matmul speed. The
+forward convolution is fine when XLA can fuse it with the ops around it into one tiled YNNPACK
+kernel (inference), but the kernel gradient is lowered as a convolution whose window is the whole
+feature map, the input gradient as a fully padded convolution outside the tiled kernels, and
+max-pool's backward (``select_and_scatter``) is 3-25x slower than the fused formulation below.
+Every op here therefore has two lowerings:
 
 * ``'xla'``: ``lax.conv_general_dilated`` / ``flax.linen.max_pool``. Use on GPU/TPU.
 * ``'im2col'``: under differentiation, the convolution's forward pass and both gradients are
-  matmuls over image patches, built over chunks of the batch so the patches stay in cache;
-  max-pool's gradient is a handful of fused elementwise ops. Without differentiation both keep
-  the native ops, which fuse best. Use on CPU.
+  matmuls over image patches, built over chunks of the batch so that the patches stay in cache;
+  max-pool records the argmax in its forward pass and scatters the gradient with fused
+  elementwise ops. Without differentiation both keep the native ops, which fuse best. For CPU.
 
 ``impl='auto'`` (the default everywhere) picks ``'im2col'`` when ``jax.default_backend()`` is
 ``'cpu'`` and ``'xla'`` otherwise. Both lowerings compute the same function with the same
-parameters (outputs and gradients agree to float rounding; max-pool gradients, ties included,
-agree exactly), so a checkpoint trained with one runs under the other.
+parameters (outputs and gradients agree to float rounding; max-pool gradients agree exactly, ties
+included), so a checkpoint trained with one runs under the other.
 
-On the DANN digit net (batch 256, 2-core CPU) a forward+backward step is ~3x faster with
-``'im2col'``; see ``benchmarks/conv_lowering.py``. Much of what remains is page faults: glibc
-hands XLA's large per-step buffers back to the OS and every step faults them in again, at about
-1 ms per MB on a VM. ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<large> MALLOC_ARENA_MAX=1`` in
-the environment removes those faults and roughly halves the step time again (either impl).
+On the DANN digit net (batch 256, 2-core CPU) a forward+backward step is ~3.4x faster with
+``'im2col'``; see ``benchmarks/conv_lowering.py``. Part of what remains is page faults: glibc
+returns XLA's large per-step buffers to the OS and every step faults them in again (about 1 ms
+per MB on a VM). Setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
+MALLOC_ARENA_MAX=1`` in the environment removes those faults: ~1.25x faster for ``'im2col'``,
+~1.9x for ``'xla'``.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) 
     # Not differentiated (inference): the native convolution, which XLA:CPU fuses together with
     # the surrounding bias/ReLU/pooling into one tiled YNNPACK kernel. Under differentiation the
     # output has to be materialised, and the kernel on its own is slower than the chunked im2col
-    # matmul (and page-faults far more scratch memory): 200 -> 150 ms per digit-net step.
+    # matmul and page-faults far more memory (a quarter of the digit-net step).
     return _conv_xla(x, kernel, strides, pads)
 
 
@@ -506,8 +506,9 @@ def max_pool(
       window: int or pair, the pooling window.
       strides: int or pair; ``None`` means ``window``.
       padding: ``'SAME'``, ``'VALID'``, an int, or a sequence of ``(lo, hi)`` pairs.
-      impl: one of ``CONV_IMPLS``; ``'im2col'`` means the reshape/strided-slice lowering whose
-        gradient avoids ``select_and_scatter``.
+      impl: one of ``CONV_IMPLS``. ``'im2col'`` keeps the native forward but differentiates
+        through a (max, first-argmax) reduction and an elementwise scatter instead of XLA's
+        ``select_and_scatter``; the gradient goes to the same element, ties included.
 
     Returns:
       ``(*batch, Ho, Wo, C)`` pooled output.
@@ -571,11 +572,12 @@ class Conv(nn.Module):
 
     Parameters are named and shaped exactly like ``flax.linen.Conv`` (``kernel``:
     ``(kh, kw, Cin, features)``, ``bias``: ``(features,)``), so checkpoints move freely between
-    this module, ``nn.Conv`` and the different ``impl`` values.
+    this module, ``nn.Conv`` and the different ``impl`` values. No dilation, feature groups or
+    circular padding.
 
     Attributes:
       features: number of output channels.
-      kernel_size: int or pair.
+      kernel_size: pair, or an int for a square kernel (for ``nn.Conv`` an int means 1-D).
       strides: int or pair.
       padding: ``'SAME'``, ``'VALID'``, an int, or a sequence of ints / ``(lo, hi)`` pairs.
       use_bias: whether to add a bias.
