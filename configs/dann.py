@@ -15,7 +15,7 @@ about 0.45 (source only) to about 0.65+ with DANN.
 """
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference
 
 from tljax.config_utils import parse_arg
 
@@ -36,8 +36,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     source, target = DATASETS[arg["data"]]
     # data_dir: where tfds keeps prepared datasets (None: tfds's default, ~/tensorflow_datasets).
+    data_dir = FieldReference(None, field_type=str)
     config.data = ml_collections.ConfigDict(
-        dict(source=source, target=target, eval_split="test", data_dir=placeholder(str))
+        dict(source=source, target=target, eval_split="test", data_dir=data_dir)
     )
 
     config.model = ml_collections.ConfigDict(
