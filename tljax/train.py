@@ -112,7 +112,9 @@ def compile_train_step(train_step, state: State, batch: dict, mesh):
 # --------------------------------------------------------------- evaluate ----
 
 
-def evaluate(eval_step, params, eval_sets, batch_size: int, mesh) -> dict[str, float]:
+def evaluate(
+    eval_step, params, eval_sets, batch_size: int, mesh, summarize=methods.mean_over_count
+) -> dict[str, float]:
     """Mean metrics of `eval_step` over each eval set.
 
     Args:
@@ -121,6 +123,7 @@ def evaluate(eval_step, params, eval_sets, batch_size: int, mesh) -> dict[str, f
       eval_sets: name -> arrays.
       batch_size: global eval batch size.
       mesh: the data mesh.
+      summarize: sums over a whole set -> metrics (default: means over 'count').
 
     Returns:
       Flat dict '<set>/<metric>' -> float.
@@ -131,9 +134,8 @@ def evaluate(eval_step, params, eval_sets, batch_size: int, mesh) -> dict[str, f
         for batch in pipeline.eval_batches(arrays, batch_size, mesh):
             out = eval_step(params, batch)
             sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-        sums = jax.device_get(sums)
-        count = float(sums.pop("count"))
-        results |= {f"{name}/{key}": float(value) / count for key, value in sums.items()}
+        metrics = summarize(jax.device_get(sums))
+        results |= {f"{name}/{key}": float(value) for key, value in metrics.items()}
     return results
 
 
@@ -247,7 +249,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     batches = pipeline.train_batches(method.train_streams, config.seed, first_step, mesh)
     eval_step = jax.jit(method.eval_fn, out_shardings=parallel.replicated(mesh))
     run_eval = lambda params: evaluate(
-        eval_step, params, method.eval_sets, config.eval.batch_size, mesh
+        eval_step,
+        params,
+        method.eval_sets,
+        config.eval.batch_size,
+        mesh,
+        method.summarize_eval or methods.mean_over_count,
     )
 
     buffer = MetricBuffer()

@@ -27,6 +27,9 @@ class Method:
         batch['mask'] is 1, including 'count'; the trainer divides by the count.
       train_streams: the training batch layout.
       eval_sets: name -> {'image', 'label'} arrays, evaluated every eval_every steps.
+      summarize_eval: optional; the sums of `eval_fn` over a whole eval set (numpy) ->
+        dict of float metrics. Default: every sum divided by 'count'. Needed for metrics
+        that are not means over examples (e.g. per-class mean accuracy).
     """
 
     init_params: Callable[..., Params]
@@ -34,6 +37,20 @@ class Method:
     eval_fn: Callable[..., Metrics]
     train_streams: tuple[Stream, ...]
     eval_sets: Mapping[str, Mapping[str, Any]]
+    summarize_eval: Callable[[dict[str, Any]], dict[str, float]] | None = None
+
+
+def mean_over_count(sums: dict[str, Any]) -> dict[str, float]:
+    """The default eval summary: each sum divided by the example count.
+
+    Args:
+      sums: eval_fn outputs summed over an eval set, including 'count'.
+
+    Returns:
+      metric name -> mean over the set's examples.
+    """
+    count = float(sums["count"])
+    return {key: float(value) / count for key, value in sums.items() if key != "count"}
 
 
 def build(config) -> Method:
