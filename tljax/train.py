@@ -18,7 +18,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from tljax import methods, optim, parallel
+from tljax import methods, optim, parallel, transfer
+from tljax import params as ptree
 from tljax.data import pipeline
 
 State = dict[str, Any]
@@ -31,51 +32,83 @@ class NonFiniteLossError(FloatingPointError):
 # ------------------------------------------------------------------ state ----
 
 
-def create_train_state(method: methods.Method, optimizer, seed: int, mesh) -> State:
-    """Initial state {params, opt_state, step, rng}, created already replicated.
+def create_train_state(
+    method: methods.Method, optimizer, seed: int, mesh, plan: transfer.TransferPlan | None = None
+) -> State:
+    """Initial state {params, opt_state, step, rng[, start_params]}, created already replicated.
 
     Args:
-      method: supplies `init_params`.
+      method: supplies `init_params` (and `penalty_fn`, which needs `start_params`).
       optimizer: optax transformation.
       seed: run seed.
       mesh: the data mesh.
+      plan: layer transfer (copies pretrained leaves into the fresh params), or None.
 
     Returns:
       The state pytree with every leaf replicated over `mesh`.
     """
 
-    def create():
+    def create(pretrained):
         init_rng, train_rng = jax.random.split(jax.random.key(seed))
         params = method.init_params(init_rng)
-        return {
+        if plan is not None:
+            params = plan.apply(params, pretrained)
+        state = {
             "params": params,
             "opt_state": optimizer.init(params),
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(train_rng),
         }
+        if method.penalty_fn is not None:
+            state["start_params"] = params
+        return state
 
-    return jax.jit(create, out_shardings=parallel.replicated(mesh))()
+    # Pretrained params enter as an argument, not a closure: constants would be baked into
+    # the compiled program.
+    pretrained = plan.pretrained if plan is not None else None
+    return jax.jit(create, out_shardings=parallel.replicated(mesh))(pretrained)
 
 
-def make_train_step(method: methods.Method, optimizer, schedule):
+def make_train_step(
+    method: methods.Method, optimizer, schedule, plan: transfer.TransferPlan | None = None
+):
     """(state, batch) -> (state, metrics): one optimizer step of `method.loss_fn`.
 
     Args:
-      method: supplies `loss_fn`.
+      method: supplies `loss_fn` and, optionally, `penalty_fn`.
       optimizer: optax transformation.
       schedule: lr schedule (logged as 'lr').
+      plan: layer transfer; its frozen leaves are carried over unchanged, bit for bit.
 
     Returns:
       The un-jitted step function.
     """
+    frozen = plan.frozen if plan is not None and plan.any_frozen else None
+    transferred = plan.copied if plan is not None else None
+
+    def objective(params, batch, rng, step, start_params):
+        loss, metrics = method.loss_fn(params, batch, rng, step)
+        if method.penalty_fn is not None:
+            penalty, penalty_metrics = method.penalty_fn(params, start_params, batch, transferred)
+            loss = loss + penalty
+            metrics = {**metrics, **penalty_metrics}
+        return loss, metrics
+
+    def apply_updates(params, updates):
+        if frozen is None:
+            return jax.tree.map(jnp.add, params, updates)
+        # Adding a zero update could still flip -0.0 to +0.0; frozen means untouched.
+        return jax.tree.map(lambda p, u, f: p if f else p + u, params, updates, frozen)
 
     def train_step(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        grad_fn = jax.value_and_grad(method.loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(state["params"], batch, rng, step)
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (loss, metrics), grads = grad_fn(
+            state["params"], batch, rng, step, state.get("start_params")
+        )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
-        params = jax.tree.map(jnp.add, state["params"], updates)
+        params = apply_updates(state["params"], updates)
         metrics = {**metrics, "loss": loss, "lr": schedule(step)}
         new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
         return new_state, metrics
@@ -232,9 +265,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         parallel.check_batch_size(f"train.batch_size ({stream.name})", stream.batch_size, mesh)
     parallel.check_batch_size("eval.batch_size", config.eval.batch_size, mesh)
 
+    plan = transfer.make_plan(config, method.init_params, jax.random.key(config.seed))
+    logging.info("Parameters (layers in forward order):\n%s", plan.summary)
+
     schedule = optim.make_schedule(config.lr, num_steps)
-    optimizer = optim.make_optimizer(config.optimizer, schedule)
-    state = create_train_state(method, optimizer, config.seed, mesh)
+    optimizer = ptree.partition_optimizer(
+        optim.make_optimizer(config.optimizer, schedule), plan.labels
+    )
+    state = create_train_state(method, optimizer, config.seed, mesh, plan)
     manager = checkpoint_manager(workdir, config)
     state, first_step = restore_latest(manager, state)
 
@@ -266,7 +304,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             batch = next(batches)
             if train_step is None:
                 train_step, compile_s = compile_train_step(
-                    make_train_step(method, optimizer, schedule), state, batch, mesh
+                    make_train_step(method, optimizer, schedule, plan), state, batch, mesh
                 )
                 logging.info("Compiled the train step in %.1f s.", compile_s)
             state, metrics = train_step(state, batch)
@@ -303,6 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         "num_processes": jax.process_count(),
         "backend": jax.default_backend(),
         "compile_time_s": compile_s,
+        "num_params": ptree.count(state["params"]),
+        "num_frozen_params": ptree.count(state["params"], plan.frozen),
         "wall_time_s": time.time() - start_time,
         "config": config.to_dict(),
     }

@@ -30,6 +30,10 @@ class Method:
       summarize_eval: optional; the sums of `eval_fn` over a whole eval set (numpy) ->
         dict of float metrics. Default: every sum divided by 'count'. Needed for metrics
         that are not means over examples (e.g. per-class mean accuracy).
+      penalty_fn: optional conservative-training term added to the loss,
+        (params, start_params, batch, transferred) -> (scalar, metrics), where start_params
+        are the params the run started from (pretrained values on transferred leaves) and
+        transferred is the selection of leaves copied from the pretrained network.
     """
 
     init_params: Callable[..., Params]
@@ -38,6 +42,7 @@ class Method:
     train_streams: tuple[Stream, ...]
     eval_sets: Mapping[str, Mapping[str, Any]]
     summarize_eval: Callable[[dict[str, Any]], dict[str, float]] | None = None
+    penalty_fn: Callable[..., tuple[Any, Metrics]] | None = None
 
 
 def mean_over_count(sums: dict[str, Any]) -> dict[str, float]:

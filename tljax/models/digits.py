@@ -92,3 +92,32 @@ class DANNDigitNet(nn.Module):
         """Domain logits [N] behind the gradient reversal layer, in float32."""
         reversed_features = gradient_reversal(features, jnp.asarray(grl_scale, features.dtype))
         return self.domain(reversed_features)[:, 0].astype(jnp.float32)
+
+
+class DigitClassifier(nn.Module):
+    """The digit network's feature extractor and label predictor, without a domain head.
+
+    Its params (``{'feature': ..., 'label': ...}``) have the paths of `DANNDigitNet`'s, so
+    either network's checkpoint transfers into the other.
+    """
+
+    num_classes: int = 10
+    label_widths: tuple[int, ...] = (100, 100)
+    conv_impl: str = "auto"
+    dtype: Any = None
+
+    def setup(self):
+        self.feature = DigitFeatures(conv_impl=self.conv_impl, dtype=self.dtype)
+        self.label = MLPHead((*self.label_widths, self.num_classes), dtype=self.dtype)
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        """Class logits [N, num_classes] of float images (NHWC)."""
+        return self.classify(self.features(images))
+
+    def features(self, images: jax.Array) -> jax.Array:
+        """Flattened features of `images`, [N, 768] for 28x28 inputs."""
+        return self.feature(images)
+
+    def classify(self, features: jax.Array) -> jax.Array:
+        """Class logits [N, num_classes], computed in float32."""
+        return self.label(features).astype(jnp.float32)

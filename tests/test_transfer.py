@@ -1,0 +1,118 @@
+"""Pretrain -> fine-tune through the trainer: copy, freeze, re-init, penalties, errors."""
+
+import json
+import os
+
+import chex
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import finetune, pretrain
+from tljax import train, transfer
+
+
+def _shrink(config, data_dir):
+    config.data.data_dir = data_dir
+    config.train.steps = 4
+    config.train.batch_size = 16
+    config.train.log_every = 2
+    config.eval.every = 4
+    config.eval.batch_size = 500
+    config.checkpoint.every = 4
+    return config
+
+
+def _state(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    return manager.restore(manager.latest_step())
+
+
+@pytest.fixture(scope="module")
+def pretrained(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("pretrain"))
+    train.train_and_evaluate(_shrink(pretrain.get_config(), data_dir), workdir)
+    return workdir
+
+
+def _finetune(arg, pretrained, data_dir, workdir):
+    config = _shrink(finetune.get_config(f"{arg},init_from={pretrained}"), data_dir)
+    return config, train.train_and_evaluate(config, str(workdir))
+
+
+def test_freeze_keeps_frozen_layers_bit_identical(pretrained, data_dir, tmp_path):
+    _, results = _finetune("variant=freeze,layers=2,shots=2", pretrained, data_dir, tmp_path)
+    source = _state(pretrained)["params"]
+    tuned = _state(str(tmp_path))
+    chex.assert_trees_all_equal(tuned["params"]["feature"], source["feature"])
+    changed = jax.tree.map(
+        lambda a, b: bool(np.any(a != b)), tuned["params"]["label"], source["label"]
+    )
+    assert all(jax.tree.leaves(changed))
+    assert results["num_frozen_params"] == 2432 + 38448
+    # The optimizer keeps no state (momentum) for the frozen convolutions.
+    momentum = [x for x in jax.tree.leaves(tuned["opt_state"]) if np.ndim(x) > 0]
+    assert sum(np.size(x) for x in momentum) == results["num_params"] - (2432 + 38448)
+
+
+def test_copy_first_layers_reinitialises_the_rest(pretrained, data_dir, tmp_path):
+    config = _shrink(finetune.get_config(f"variant=copy,layers=1,init_from={pretrained}"), data_dir)
+    config.conservative.l2sp_alpha = 0.1  # Keeps start_params in the state, for inspection.
+    train.train_and_evaluate(config, str(tmp_path))
+    source = _state(pretrained)["params"]
+    start = _state(str(tmp_path))["start_params"]
+    chex.assert_trees_all_equal(start["feature"]["conv_0"], source["feature"]["conv_0"])
+    assert np.any(start["feature"]["conv_1"]["kernel"] != source["feature"]["conv_1"]["kernel"])
+    assert np.any(start["label"]["dense_2"]["kernel"] != source["label"]["dense_2"]["kernel"])
+
+
+@pytest.mark.parametrize(
+    "variant, metric",
+    [("l2sp", "train/l2sp_drift"), ("output", "train/output_kl"), ("feature", "train/feature_l2")],
+)
+def test_conservative_penalties_are_logged(pretrained, data_dir, tmp_path, variant, metric):
+    _, results = _finetune(f"variant={variant},shots=1", pretrained, data_dir, tmp_path)
+    assert np.isfinite(results["final"][metric])
+    assert results["final"]["train/loss"] > results["final"]["train/class_loss"]
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["data"]["shots_per_class"] == 1
+
+
+def test_missing_checkpoint_is_a_clear_error(data_dir, tmp_path):
+    config = _shrink(finetune.get_config(f"init_from={tmp_path / 'nowhere'}"), data_dir)
+    with pytest.raises(FileNotFoundError, match="holds no checkpoint.*configs/pretrain.py"):
+        train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_head_shape_mismatch_lists_paths_and_reinit_fixes_it(data_dir, tmp_path):
+    five = str(tmp_path / "five")
+    train.train_and_evaluate(_shrink(pretrain.get_config("classes=0-4"), data_dir), five)
+    config = _shrink(finetune.get_config(f"init_from={five}"), data_dir)
+    with pytest.raises(ValueError, match=r"label/dense_2/kernel: pretrained \(100, 5\) vs model"):
+        train.train_and_evaluate(config, str(tmp_path / "bad"))
+    config.transfer.reinit = ("label/dense_2",)
+    results = train.train_and_evaluate(config, str(tmp_path / "good"))
+    assert np.isfinite(results["final"]["target_test/accuracy"])
+
+
+def test_config_mistakes_are_named(pretrained, data_dir, tmp_path):
+    config = _shrink(finetune.get_config(f"init_from={pretrained}"), data_dir)
+    config.transfer.freez = ("feature",)
+    with pytest.raises(ValueError, match="Unknown transfer field.*freez"):
+        train.train_and_evaluate(config, str(tmp_path / "a"))
+    config = _shrink(finetune.get_config("variant=scratch"), data_dir)
+    config.conservative.l2sp_alpha = 0.1
+    with pytest.raises(ValueError, match="set transfer.init_from"):
+        train.train_and_evaluate(config, str(tmp_path / "b"))
+    config = _shrink(finetune.get_config("variant=scratch"), data_dir)
+    config.transfer.reinit = ("label",)
+    with pytest.raises(ValueError, match="reinit needs transfer.init_from"):
+        train.train_and_evaluate(config, str(tmp_path / "c"))
+
+
+def test_checkpoint_directory_accepts_workdir_checkpoints_or_step(pretrained):
+    directory, step = transfer.checkpoint_directory(pretrained)
+    assert directory.endswith("checkpoints") and step == 4
+    assert transfer.checkpoint_directory(directory) == (directory, 4)
+    assert transfer.checkpoint_directory(os.path.join(directory, "4")) == (directory, 4)

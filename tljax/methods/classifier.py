@@ -1,0 +1,152 @@
+"""Supervised classification: pretraining a source model and fine-tuning it on a target.
+
+One labelled training split (optionally a class subset and/or k examples per class), any number
+of labelled eval splits. With a `transfer` block (see `tljax.transfer`) the run starts from a
+pretrained checkpoint, and the `conservative` block adds the penalties of
+`tljax.regularizers`, measured against the network the run started from:
+
+  l2sp_alpha, l2sp_beta   L2-SP on transferred / new weights;
+  output_weight, temperature   distillation KL between the two networks' predictions;
+  feature_weight          squared L2 between the two networks' features.
+"""
+
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from tljax import data, regularizers
+from tljax.data.pipeline import Stream
+from tljax.data.preprocess import to_float_images
+from tljax.data.subsets import class_subset, per_class_subset
+from tljax.methods import Method
+from tljax.models.digits import DigitClassifier
+
+PENALTIES = ("l2sp_alpha", "l2sp_beta", "output_weight", "temperature", "feature_weight")
+
+
+def make_model(config: ml_collections.ConfigDict):
+    """The classifier network described by `config.model`."""
+    name = config.model.get("name", "digits")
+    if name == "digits":
+        return DigitClassifier(
+            num_classes=config.model.num_classes,
+            conv_impl=config.model.conv_impl,
+            dtype=jnp.dtype(config.model.dtype),
+        )
+    raise ValueError(f"Unknown model.name {name!r}; use 'digits'.")
+
+
+def load_training_split(config: ml_collections.ConfigDict) -> dict:
+    """The training split of `config.data`, cut to its class subset and k shots per class."""
+    arrays = data.load_split(config.data.train, config.data.train_split, config.data.data_dir)
+    if config.data.get("classes"):
+        arrays = class_subset(arrays, config.data.classes)
+    if config.data.get("shots_per_class"):
+        arrays = per_class_subset(arrays, config.data.shots_per_class, config.data.shots_seed)
+    return arrays
+
+
+def _penalty_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
+    block = config.get("conservative") or ml_collections.ConfigDict()
+    unknown = set(block.keys()) - set(PENALTIES)
+    if unknown:
+        raise ValueError(f"Unknown conservative field(s) {sorted(unknown)}; use {PENALTIES}.")
+    weights = {name: float(block.get(name, 0.0)) for name in PENALTIES}
+    weights["temperature"] = float(block.get("temperature", 1.0))
+    needs_start = weights["l2sp_alpha"] or weights["output_weight"] or weights["feature_weight"]
+    transfer = config.get("transfer") or {}
+    if needs_start and not transfer.get("init_from"):
+        raise ValueError(
+            "conservative.l2sp_alpha / output_weight / feature_weight pull towards a pretrained "
+            "network: set transfer.init_from."
+        )
+    return weights
+
+
+def build(config: ml_collections.ConfigDict) -> Method:
+    """Classification of `config.data.train`, evaluated on `config.data.eval_sets`.
+
+    Args:
+      config: experiment config with `data`, `model`, `train` and optional `transfer` and
+        `conservative` blocks.
+
+    Returns:
+      The `Method`.
+    """
+    model = make_model(config)
+    weights = _penalty_weights(config)
+    compute_dtype = jnp.dtype(config.model.dtype)
+    image_shape = (1, *config.model.image_size, config.model.channels)
+    classes = config.data.get("classes")
+    if classes and len(classes) != config.model.num_classes:
+        raise ValueError(
+            f"model.num_classes={config.model.num_classes} but data.classes has {len(classes)}."
+        )
+
+    def preprocess(images):
+        return to_float_images(images, config.model.channels, compute_dtype)
+
+    def features(params, images):
+        return model.apply({"params": params}, preprocess(images), method="features")
+
+    def classify(params, feats):
+        return model.apply({"params": params}, feats, method="classify")
+
+    def init_params(rng):
+        return model.init(rng, jnp.zeros(image_shape, compute_dtype))["params"]
+
+    def loss_fn(params, batch, rng, step):
+        del rng, step
+        logits = classify(params, features(params, batch["train_image"]))
+        labels = batch["train_label"]
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return loss, {"class_loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
+
+    def penalty_fn(params, start_params, batch, transferred):
+        total, metrics = jnp.zeros((), jnp.float32), {}
+        if weights["l2sp_alpha"] or weights["l2sp_beta"]:
+            drift, new = regularizers.l2_sp(
+                params, start_params, transferred, weights["l2sp_alpha"], weights["l2sp_beta"]
+            )
+            total += drift + new
+            metrics |= {"l2sp_drift": drift, "l2sp_new": new}
+        if weights["output_weight"] or weights["feature_weight"]:
+            feats = features(params, batch["train_image"])
+            start_feats = features(start_params, batch["train_image"])
+        if weights["feature_weight"]:
+            feature_term = regularizers.feature_l2(feats, start_feats)
+            total += weights["feature_weight"] * feature_term
+            metrics["feature_l2"] = feature_term
+        if weights["output_weight"]:
+            output_term = regularizers.distillation_kl(
+                classify(params, feats), classify(start_params, start_feats), weights["temperature"]
+            )
+            total += weights["output_weight"] * output_term
+            metrics["output_kl"] = output_term
+        return total, metrics
+
+    def eval_fn(params, batch):
+        logits = classify(params, features(params, batch["image"]))
+        mask = batch["mask"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+        return {
+            "accuracy": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
+            "loss": (losses * mask).sum(),
+            "count": mask.sum(),
+        }
+
+    def eval_split(name):
+        arrays = data.load_split(name, config.data.eval_split, config.data.data_dir)
+        return class_subset(arrays, classes) if classes else arrays
+
+    train = Stream("train", load_training_split(config), config.train.batch_size)
+    eval_sets = {key: eval_split(name) for key, name in config.data.eval_sets.items()}
+    uses_penalty = any(weights[k] for k in PENALTIES if k != "temperature")
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        (train,),
+        eval_sets,
+        penalty_fn=penalty_fn if uses_penalty else None,
+    )

@@ -1,0 +1,167 @@
+"""Layer transfer from config: what a run copies, re-initialises, freezes and how fast it trains.
+
+The `transfer` config block (every field optional; no block means a plain run):
+
+  init_from  a workdir of an earlier run (its newest checkpoint), a checkpoint directory, or one
+             step's directory; None trains from scratch.
+  copy       patterns of leaves to copy from it (default: everything, ``('*',)``).
+  reinit     patterns excluded from the copy, i.e. freshly initialised (e.g. a new head).
+  freeze     patterns the optimizer never touches (no update, no optimizer state).
+  lr_mults   pattern -> learning-rate multiplier, e.g. ``{'feature': 0.1}``.
+
+Patterns are those of `tljax.params.select` (globs, ``re:``, ``first:N``, ``last:N@module``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from tljax import params as ptree
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferPlan:
+    """The resolved transfer of one run.
+
+    Attributes:
+      pretrained: params to copy from (host arrays), or None.
+      copied: selection of leaves taken from ``pretrained``.
+      frozen: selection of leaves the optimizer leaves untouched.
+      labels: optimizer group of each leaf (``tljax.params.lr_labels``).
+      layers: the network's layers in forward order.
+      summary: readable table of the above, logged at the start of a run.
+    """
+
+    pretrained: Params | None
+    copied: Any
+    frozen: Any
+    labels: Any
+    layers: list[str]
+    summary: str
+
+    def apply(self, params: Params, pretrained: Params | None) -> Params:
+        """``params`` with the copied leaves taken from ``pretrained`` (traceable)."""
+        if pretrained is None:
+            return params
+        return ptree.copy_params(params, pretrained, self.copied)
+
+    @property
+    def any_frozen(self) -> bool:
+        return any(jax.tree.leaves(self.frozen))
+
+
+def _patterns(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,) if value else ()
+    return tuple(value)
+
+
+def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPlan:
+    """Resolves `config.transfer` against the network built by ``init_params``.
+
+    Args:
+      config: the experiment config (its optional `transfer` block is read).
+      init_params: rng -> params of the network being trained.
+      rng: a PRNG key for the abstract initialisation.
+
+    Returns:
+      The `TransferPlan`.
+
+    Raises:
+      ValueError: a pattern matches nothing, or copied leaves are missing or mis-shaped.
+      FileNotFoundError: `init_from` holds no checkpoint.
+    """
+    block = config.get("transfer") or ml_collections.ConfigDict()
+    unknown = set(block.keys()) - {"init_from", "copy", "reinit", "freeze", "lr_mults"}
+    if unknown:
+        raise ValueError(
+            f"Unknown transfer field(s) {sorted(unknown)}; "
+            "use init_from, copy, reinit, freeze, lr_mults."
+        )
+    shapes = jax.eval_shape(init_params, rng)
+    layers = ptree.layer_order(init_params, rng)
+    nothing = jax.tree.map(lambda _: False, shapes)
+    init_from = block.get("init_from")
+    pretrained = None
+    copied = nothing
+    if init_from:
+        pretrained = load_pretrained(init_from)
+        copied = ptree.select(shapes, _patterns(block.get("copy", ("*",))), layers)
+        reinit = _patterns(block.get("reinit"))
+        if reinit:
+            copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
+        # Fail on a missing or mis-shaped leaf now, with every offender listed.
+        ptree.copy_params(shapes_to_zeros(shapes), pretrained, copied)
+    elif _patterns(block.get("reinit")):
+        raise ValueError("transfer.reinit needs transfer.init_from (without it all is new).")
+    freeze = _patterns(block.get("freeze"))
+    frozen = ptree.select(shapes, freeze, layers) if freeze else nothing
+    lr_mults = dict(block.get("lr_mults") or {})
+    labels = ptree.lr_labels(shapes, frozen, lr_mults, layers)
+    summary = ptree.summary_table(shapes, copied, labels, layers)
+    return TransferPlan(pretrained, copied, frozen, labels, layers, summary)
+
+
+def shapes_to_zeros(shapes: Params) -> Params:
+    """Zero host arrays for a tree of ``ShapeDtypeStruct`` (cheap validation targets)."""
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
+
+
+def checkpoint_directory(path: str) -> tuple[str, int]:
+    """The Orbax checkpoint directory and step that ``path`` points at.
+
+    Args:
+      path: a run's workdir, its ``checkpoints`` directory, or one step's directory in it.
+
+    Returns:
+      (checkpoints directory, step); the newest step unless ``path`` names one.
+
+    Raises:
+      FileNotFoundError: nothing there holds a checkpoint.
+    """
+    path = os.path.abspath(os.path.expanduser(path))
+    candidates = [os.path.join(path, "checkpoints"), path]
+    for directory in candidates:
+        if os.path.isdir(directory):
+            step = ocp.CheckpointManager(directory).latest_step()
+            if step is not None:
+                return directory, step
+    parent, name = os.path.split(path)
+    if name.isdigit() and os.path.isdir(path):
+        return parent, int(name)
+    raise FileNotFoundError(
+        f"transfer.init_from={path!r} holds no checkpoint: expected a run's workdir (with "
+        "checkpoints/<step>/), its checkpoints/ directory, or one step's directory. Train the "
+        "source model first, e.g. python launch.py --config=configs/pretrain.py --workdir=DIR."
+    )
+
+
+def load_pretrained(path: str) -> Params:
+    """The params saved in a tljax checkpoint, as host arrays.
+
+    Args:
+      path: see `checkpoint_directory`.
+
+    Returns:
+      The params pytree of the checkpoint.
+
+    Raises:
+      FileNotFoundError: no checkpoint at ``path``.
+      ValueError: the checkpoint holds no params.
+    """
+    directory, step = checkpoint_directory(path)
+    state = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore())
+    if "params" not in state:
+        raise ValueError(f"Checkpoint {directory}/{step} holds no 'params' entry.")
+    return jax.tree.map(np.asarray, state["params"])
