@@ -22,7 +22,6 @@ Variants (after ':', comma separated):
 """
 
 import ml_collections
-from ml_collections.config_dict import FieldReference
 
 from configs import dann, pretrain
 from tljax.config_utils import parse_arg
@@ -57,24 +56,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.checkpoint.every = 500
 
     variant, layers = arg["variant"], arg["layers"]
-    config.transfer = ml_collections.ConfigDict(
-        dict(
-            init_from=FieldReference(
-                None if variant == "scratch" else arg["init_from"], field_type=str
-            ),
-            copy=(f"first:{layers}",) if variant == "copy" else ("*",),
-            reinit=(),
-            freeze=(f"first:{layers}",) if variant == "freeze" else (),
-            lr_mults={},
-        )
-    )
-    config.conservative = ml_collections.ConfigDict(
-        dict(
-            l2sp_alpha=0.1 if variant == "l2sp" else 0.0,
-            l2sp_beta=0.01 if variant == "l2sp" else 0.0,
-            output_weight=1.0 if variant == "output" else 0.0,
-            temperature=2.0,
-            feature_weight=0.01 if variant == "feature" else 0.0,
-        )
-    )
+    if variant != "scratch":
+        config.transfer.init_from = arg["init_from"]
+    if variant == "copy":
+        config.transfer.copy = (f"first:{layers}",)
+    if variant == "freeze":
+        config.transfer.freeze = (f"first:{layers}",)
+    if variant == "l2sp":
+        config.conservative.l2sp_alpha = 0.1
+        config.conservative.l2sp_beta = 0.01
+    if variant == "output":
+        config.conservative.output_weight = 1.0
+    if variant == "feature":
+        config.conservative.feature_weight = 0.01
     return config

@@ -38,7 +38,7 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
       seed: run seed.
 
     Returns:
-      The config (no transfer block: a run from scratch).
+      The config (a run from scratch: its transfer block has no init_from).
     """
     config = ml_collections.ConfigDict()
     config.method = "classifier"
@@ -64,6 +64,8 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
             channels=3,
             conv_impl="auto",
             dtype="float32",
+            # 'imagenet' for converted ImageNet ResNets (model.name='resnet50', BUILD.md).
+            normalize="none",
         )
     )
     config.train = ml_collections.ConfigDict(
@@ -75,6 +77,20 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
     config.lr = ml_collections.ConfigDict(dict(schedule="cosine", base=0.01, warmup_steps=0))
     config.eval = ml_collections.ConfigDict(dict(every=1000, batch_size=500))
     config.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=1))
+    # Layer transfer (tljax/transfer.py): off until init_from names a run or a checkpoint file.
+    config.transfer = ml_collections.ConfigDict(
+        dict(
+            init_from=FieldReference(None, field_type=str),
+            copy=("*",),
+            reinit=(),
+            freeze=(),
+            lr_mults={},
+        )
+    )
+    # Conservative-training penalties (tljax/regularizers.py); all off.
+    config.conservative = ml_collections.ConfigDict(
+        dict(l2sp_alpha=0.0, l2sp_beta=0.0, output_weight=0.0, temperature=2.0, feature_weight=0.0)
+    )
     return config
 
 

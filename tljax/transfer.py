@@ -2,8 +2,9 @@
 
 The `transfer` config block (every field optional; no block means a plain run):
 
-  init_from  a workdir of an earlier run (its newest checkpoint), a checkpoint directory, or one
-             step's directory; None trains from scratch.
+  init_from  a workdir of an earlier run (its newest checkpoint), a checkpoint directory, one
+             step's directory, or a PyTorch-layout ResNet state dict (.safetensors / .npz, see
+             BUILD.md "Pretrained ResNets"); None trains from scratch.
   copy       patterns of leaves to copy from it (default: everything, ``('*',)``).
   reinit     patterns excluded from the copy, i.e. freshly initialised (e.g. a new head).
   freeze     patterns the optimizer never touches (no update, no optimizer state).
@@ -96,11 +97,11 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
     pretrained = None
     copied = nothing
     if init_from:
-        pretrained = load_pretrained(init_from)
         copied = ptree.select(shapes, _patterns(block.get("copy", ("*",))), layers)
         reinit = _patterns(block.get("reinit"))
         if reinit:
             copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
+        pretrained = load_pretrained(init_from, shapes, copied)
         # Fail on a missing or mis-shaped leaf now, with every offender listed.
         ptree.copy_params(shapes_to_zeros(shapes), pretrained, copied)
     elif _patterns(block.get("reinit")):
@@ -147,21 +148,42 @@ def checkpoint_directory(path: str) -> tuple[str, int]:
     )
 
 
-def load_pretrained(path: str) -> Params:
-    """The params saved in a tljax checkpoint, as host arrays.
+TORCH_SUFFIXES = (".safetensors", ".npz")
+
+
+def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None) -> Params:
+    """Pretrained params as host arrays, from a tljax checkpoint or a PyTorch ResNet file.
 
     Args:
-      path: see `checkpoint_directory`.
+      path: see `checkpoint_directory`, or a ``.safetensors`` / ``.npz`` torchvision-layout
+        ResNet state dict.
+      shapes: the model's params shapes (needed to convert a PyTorch file).
+      copied: selection of leaves that will be copied; layers with none are not converted
+        (e.g. a re-initialised 1000-class head).
 
     Returns:
-      The params pytree of the checkpoint.
+      The params pytree (for a PyTorch file: of ``shapes``' structure).
 
     Raises:
-      FileNotFoundError: no checkpoint at ``path``.
-      ValueError: the checkpoint holds no params.
+      FileNotFoundError: no checkpoint or file at ``path``.
+      ValueError: the checkpoint holds no params, or the file does not fit the model.
     """
+    if str(path).endswith(TORCH_SUFFIXES):
+        return _convert_torch_file(path, shapes, copied)
     directory, step = checkpoint_directory(path)
     state = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore())
     if "params" not in state:
         raise ValueError(f"Checkpoint {directory}/{step} holds no 'params' entry.")
     return jax.tree.map(np.asarray, state["params"])
+
+
+def _convert_torch_file(path: str, shapes: Params, copied: Any) -> Params:
+    from tljax.models import torch_convert
+
+    if shapes is None:
+        raise ValueError("Converting a PyTorch checkpoint needs the model's params shapes.")
+    wanted = {ptree.layer_of(p) for p in ptree.selected_paths(copied)} if copied else None
+    skipped = sorted({ptree.layer_of(p) for p in ptree.leaf_paths(shapes)} - (wanted or set()))
+    return torch_convert.convert_resnet(
+        torch_convert.load_state_dict(path), shapes_to_zeros(shapes), exclude=skipped
+    )

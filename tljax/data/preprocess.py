@@ -28,3 +28,30 @@ def to_float_images(images: jax.Array, channels: int = 3, dtype=jnp.float32) -> 
     if images.shape[-1] != channels:
         images = jnp.repeat(images, channels, axis=-1)
     return images
+
+
+# torchvision's ImageNet statistics: what converted ImageNet ResNets expect their inputs to have.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"none": None, "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def normalize(images: jax.Array, name: str) -> jax.Array:
+    """Per-channel standardisation of [0, 1] images by a named set of statistics.
+
+    Args:
+      images: float [N, H, W, 3] in [0, 1].
+      name: a key of `NORMALIZATIONS` ('none' returns the images unchanged).
+
+    Returns:
+      The normalised images, same shape and dtype.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"Unknown model.normalize {name!r}; use one of {sorted(NORMALIZATIONS)}.")
+    if NORMALIZATIONS[name] is None:
+        return images
+    mean, std = (jnp.asarray(v, images.dtype) for v in NORMALIZATIONS[name])
+    return (images - mean) / std

@@ -16,24 +16,35 @@ import optax
 
 from tljax import data, regularizers
 from tljax.data.pipeline import Stream
-from tljax.data.preprocess import to_float_images
+from tljax.data.preprocess import normalize, to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method
 from tljax.models.digits import DigitClassifier
+from tljax.models.resnet import RESNETS
 
 PENALTIES = ("l2sp_alpha", "l2sp_beta", "output_weight", "temperature", "feature_weight")
 
 
 def make_model(config: ml_collections.ConfigDict):
-    """The classifier network described by `config.model`."""
+    """The classifier described by `config.model`: 'digits' or a ResNet ('resnet18', ...).
+
+    Both expose `features(images)` and `classify(features)`. ResNets read the optional
+    `model.width` (64 is torchvision's) and `model.norm` ('affine': frozen BatchNorm, what
+    pretrained checkpoints convert to; 'group': GroupNorm, for training from scratch).
+    """
     name = config.model.get("name", "digits")
+    common = dict(
+        num_classes=config.model.num_classes,
+        conv_impl=config.model.conv_impl,
+        dtype=jnp.dtype(config.model.dtype),
+    )
     if name == "digits":
-        return DigitClassifier(
-            num_classes=config.model.num_classes,
-            conv_impl=config.model.conv_impl,
-            dtype=jnp.dtype(config.model.dtype),
+        return DigitClassifier(**common)
+    if name in RESNETS:
+        return RESNETS[name](
+            width=config.model.get("width", 64), norm=config.model.get("norm", "affine"), **common
         )
-    raise ValueError(f"Unknown model.name {name!r}; use 'digits'.")
+    raise ValueError(f"Unknown model.name {name!r}; use 'digits' or one of {sorted(RESNETS)}.")
 
 
 def load_training_split(config: ml_collections.ConfigDict) -> dict:
@@ -83,8 +94,11 @@ def build(config: ml_collections.ConfigDict) -> Method:
             f"model.num_classes={config.model.num_classes} but data.classes has {len(classes)}."
         )
 
+    normalization = config.model.get("normalize", "none")
+
     def preprocess(images):
-        return to_float_images(images, config.model.channels, compute_dtype)
+        images = to_float_images(images, config.model.channels, compute_dtype)
+        return normalize(images, normalization)
 
     def features(params, images):
         return model.apply({"params": params}, preprocess(images), method="features")
