@@ -116,3 +116,19 @@ def test_checkpoint_directory_accepts_workdir_checkpoints_or_step(pretrained):
     assert directory.endswith("checkpoints") and step == 4
     assert transfer.checkpoint_directory(directory) == (directory, 4)
     assert transfer.checkpoint_directory(os.path.join(directory, "4")) == (directory, 4)
+
+
+def test_freezing_everything_is_an_error(pretrained, data_dir, tmp_path):
+    config = _shrink(finetune.get_config(f"variant=freeze,init_from={pretrained}"), data_dir)
+    config.transfer.freeze = ("feature", "label")
+    with pytest.raises(ValueError, match="freezes every parameter"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_checkpoint_of_another_architecture_lists_missing_paths(pretrained, data_dir, tmp_path):
+    config = _shrink(finetune.get_config(f"init_from={pretrained}"), data_dir)
+    config.model.name, config.model.width = "resnet18", 8
+    with pytest.raises(
+        ValueError, match="(?s)another architecture.*feature/conv_0.*missing.*head/kernel"
+    ):
+        train.train_and_evaluate(config, str(tmp_path))

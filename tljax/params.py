@@ -213,8 +213,15 @@ def copy_params(target: Params, source: Params, mask: Mask) -> Params:
 
     copied = jax.tree_util.tree_map_with_path(pick, target, mask)
     problems = []
+    if missing and len(missing) == len(selected_paths(mask)):
+        source_layers = sorted({layer_of(p) for p in source_flat})
+        problems.append(
+            "none of them exist in the pretrained params, which look like another architecture "
+            f"(its layers: {source_layers[:12]}{' ...' if len(source_layers) > 12 else ''})"
+        )
     if missing:
-        problems.append("missing from the pretrained params:\n  " + "\n  ".join(missing))
+        shown = missing[:40] + ([f"... and {len(missing) - 40} more"] if len(missing) > 40 else [])
+        problems.append("missing from the pretrained params:\n  " + "\n  ".join(shown))
     if mismatched:
         problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
     if problems:

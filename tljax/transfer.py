@@ -108,6 +108,11 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
         raise ValueError("transfer.reinit needs transfer.init_from (without it all is new).")
     freeze = _patterns(block.get("freeze"))
     frozen = ptree.select(shapes, freeze, layers) if freeze else nothing
+    if all(jax.tree.leaves(frozen)):
+        raise ValueError(
+            f"transfer.freeze={list(freeze)} freezes every parameter, so nothing would train. "
+            "Freeze fewer layers (e.g. first:N) or leave the head out of the pattern."
+        )
     lr_mults = dict(block.get("lr_mults") or {})
     labels = ptree.lr_labels(shapes, frozen, lr_mults, layers)
     summary = ptree.summary_table(shapes, copied, labels, layers)
