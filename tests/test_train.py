@@ -107,3 +107,34 @@ def test_train_step_is_traced_and_compiled_once_per_run(tiny_dann_config, tmp_pa
     results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
     assert len(traces) == 1
     assert results["compile_time_s"] > 0
+
+
+def test_method_value_and_grad_replaces_autodiff(tiny_dann_config, tmp_path, monkeypatch):
+    build = train.methods.build
+
+    def halved_gradient_build(config):
+        method = build(config)
+
+        def value_and_grad(params, batch, rng, step):
+            out, grads = jax.value_and_grad(method.loss_fn, has_aux=True)(params, batch, rng, step)
+            return out, jax.tree.map(lambda g: 0.5 * g, grads)
+
+        return dataclasses.replace(method, value_and_grad=value_and_grad)
+
+    tiny_dann_config.optimizer.momentum = 0.0
+    tiny_dann_config.train.steps = 1
+    tiny_dann_config.checkpoint.every = 1
+    baseline = str(tmp_path / "baseline")
+    train.train_and_evaluate(tiny_dann_config, baseline)
+    monkeypatch.setattr(train.methods, "build", halved_gradient_build)
+    train.train_and_evaluate(tiny_dann_config, str(tmp_path / "halved"))
+    # One plain-SGD step with half the gradient moves every param half as far.
+    start = train.create_train_state(
+        build(tiny_dann_config),
+        train.optim.make_optimizer(tiny_dann_config.optimizer, lambda _: 0.0),
+        tiny_dann_config.seed,
+        train.parallel.make_data_mesh(),
+    )["params"]
+    full_step = jax.tree.map(np.subtract, _final_params(baseline), start)
+    half_step = jax.tree.map(np.subtract, _final_params(str(tmp_path / "halved")), start)
+    chex.assert_trees_all_close(half_step, jax.tree.map(lambda d: 0.5 * d, full_step), atol=1e-6)

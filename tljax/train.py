@@ -94,6 +94,22 @@ def make_train_step(
             metrics = {**metrics, **penalty_metrics}
         return loss, metrics
 
+    def custom_objective_grad(params, batch, rng, step, start_params):
+        (loss, metrics), grads = method.value_and_grad(params, batch, rng, step)
+        if method.penalty_fn is not None:
+            penalty_grad_fn = jax.value_and_grad(method.penalty_fn, has_aux=True)
+            (penalty, penalty_metrics), penalty_grads = penalty_grad_fn(
+                params, start_params, batch, transferred
+            )
+            loss, metrics = loss + penalty, {**metrics, **penalty_metrics}
+            grads = jax.tree.map(jnp.add, grads, penalty_grads)
+        return (loss, metrics), grads
+
+    if method.value_and_grad is None:
+        objective_grad = jax.value_and_grad(objective, has_aux=True)
+    else:
+        objective_grad = custom_objective_grad
+
     def apply_updates(params, updates):
         if frozen is None:
             return jax.tree.map(jnp.add, params, updates)
@@ -103,8 +119,7 @@ def make_train_step(
     def train_step(state, batch):
         step = state["step"]
         rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, metrics), grads = grad_fn(
+        (loss, metrics), grads = objective_grad(
             state["params"], batch, rng, step, state.get("start_params")
         )
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])

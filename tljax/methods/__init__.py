@@ -34,6 +34,10 @@ class Method:
         (params, start_params, batch, transferred) -> (scalar, metrics), where start_params
         are the params the run started from (pretrained values on transferred leaves) and
         transferred is the selection of leaves copied from the pretrained network.
+      value_and_grad: optional replacement for ``jax.value_and_grad(loss_fn, has_aux=True)``,
+        (params, batch, rng, step) -> ((loss, metrics), grads), for methods that shape the
+        gradient itself (e.g. multi-task gradient surgery); the trainer still adds
+        ``penalty_fn``'s gradient and runs the optimizer.
     """
 
     init_params: Callable[..., Params]
@@ -43,6 +47,7 @@ class Method:
     eval_sets: Mapping[str, Mapping[str, Any]]
     summarize_eval: Callable[[dict[str, Any]], dict[str, float]] | None = None
     penalty_fn: Callable[..., tuple[Any, Metrics]] | None = None
+    value_and_grad: Callable[..., tuple[tuple[Any, Metrics], Params]] | None = None
 
 
 def mean_over_count(sums: dict[str, Any]) -> dict[str, float]:
