@@ -5,6 +5,11 @@
 
 On a TPU pod or several GPU hosts, run the same command on every host with
 --distributed.
+
+A config with get_sweep() runs as a sweep (tljax/sweep.py): every point in its own
+<workdir>/<point>, finished points skipped; --sweep_commands prints the commands instead.
+
+  python launch.py --config=configs/layer_transfer.py --workdir=runs/yosinski --sweep
 """
 
 import os
@@ -19,12 +24,23 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() (multi-host runs)."
 )
+_SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config's get_sweep().")
+_SWEEP_COMMANDS = flags.DEFINE_bool(
+    "sweep_commands", False, "Print one launch command per sweep point instead of running."
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if _SWEEP_COMMANDS.value:
+        from tljax import sweep
+
+        config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        print("\n".join(sweep.sweep_commands(config_spec, _WORKDIR.value, overrides)))
+        return
     # TensorFlow only feeds tfds; keep it off the accelerators JAX owns.
     import tensorflow as tf
 
@@ -46,6 +62,13 @@ def main(argv):
     from tljax import train
 
     os.makedirs(_WORKDIR.value, exist_ok=True)
+    if _SWEEP.value:
+        from tljax import sweep
+
+        config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
+        overrides = config_flags.get_override_values(flags.FLAGS["config"])
+        sweep.run_sweep(config_spec, _WORKDIR.value, overrides)
+        return
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -19,6 +19,7 @@ from tljax.data.pipeline import Stream
 from tljax.data.preprocess import normalize, to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method
+from tljax.models.convnet import ConvNet8
 from tljax.models.digits import DigitClassifier
 from tljax.models.resnet import RESNETS
 
@@ -26,7 +27,7 @@ PENALTIES = ("l2sp_alpha", "l2sp_beta", "output_weight", "temperature", "feature
 
 
 def make_model(config: ml_collections.ConfigDict):
-    """The classifier described by `config.model`: 'digits' or a ResNet ('resnet18', ...).
+    """The classifier described by `config.model`: 'digits', 'convnet8' or a ResNet.
 
     Both expose `features(images)` and `classify(features)`. ResNets read the optional
     `model.width` (64 is torchvision's) and `model.norm` ('affine': frozen BatchNorm, what
@@ -40,11 +41,15 @@ def make_model(config: ml_collections.ConfigDict):
     )
     if name == "digits":
         return DigitClassifier(**common)
+    if name == "convnet8":
+        return ConvNet8(**common)
     if name in RESNETS:
         return RESNETS[name](
             width=config.model.get("width", 64), norm=config.model.get("norm", "affine"), **common
         )
-    raise ValueError(f"Unknown model.name {name!r}; use 'digits' or one of {sorted(RESNETS)}.")
+    raise ValueError(
+        f"Unknown model.name {name!r}; use 'digits', 'convnet8' or one of {sorted(RESNETS)}."
+    )
 
 
 def load_training_split(config: ml_collections.ConfigDict) -> dict:
