@@ -8,7 +8,6 @@ markdown table of target-test accuracy (mean ± std over seeds) and the mean
 wall time per run.
 """
 
-import json
 import os
 import sys
 import time
@@ -37,21 +36,16 @@ def run_one(config_name: str, seed: int) -> dict:
     """
     import importlib
 
-    from tljax import train
+    from tljax import sweep
 
     workdir = os.path.join(_OUT.value, f"{config_name}_seed{seed}")
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            return json.load(f)
     config = importlib.import_module(f"configs.{config_name}").get_config(
         f"{_VARIANT.value},seed={seed}"
     )
     if _STEPS.value:
         config.train.steps = _STEPS.value
-    os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    results = train.train_and_evaluate(config, workdir)
+    results = sweep.run_or_load(config, workdir)
     logging.info(
         "%s seed %d: %.4f in %.0f s",
         config_name,

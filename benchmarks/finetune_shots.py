@@ -11,7 +11,6 @@ interrupted benchmark resumes where it stopped. Writes <out>/finetune_shots.md (
 the table.
 """
 
-import json
 import os
 import sys
 import time
@@ -34,16 +33,10 @@ _FIGURE_DIR = flags.DEFINE_string("figure_dir", None, "Also copy the table and P
 
 def run(name: str, config) -> dict:
     """Trains `config` in <out>/<name> unless it already finished there; returns results."""
-    from tljax import train
+    from tljax import sweep
 
-    workdir = os.path.join(_OUT.value, name)
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            return json.load(f)
-    os.makedirs(workdir, exist_ok=True)
     start = time.time()
-    results = train.train_and_evaluate(config, workdir)
+    results = sweep.run_or_load(config, os.path.join(_OUT.value, name))
     print(
         f"{name}: target {results['final']['target_test/accuracy']:.4f} "
         f"({time.time() - start:.0f} s)",

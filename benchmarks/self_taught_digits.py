@@ -14,7 +14,6 @@ Every run goes through the one trainer in its own workdir under --out (so an int
 benchmark resumes); the tables are printed as markdown.
 """
 
-import json
 import os
 import sys
 
@@ -40,15 +39,9 @@ def run(name: str, variant: str) -> dict:
       The run's results dict.
     """
     from configs import self_taught
-    from tljax import train
+    from tljax import sweep
 
-    workdir = os.path.join(_OUT.value, name)
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            return json.load(f)
-    os.makedirs(workdir, exist_ok=True)
-    return train.train_and_evaluate(self_taught.get_config(variant), workdir)
+    return sweep.run_or_load(self_taught.get_config(variant), os.path.join(_OUT.value, name))
 
 
 def mean_std(values) -> str:

@@ -7,7 +7,6 @@ Runs configs/zeroshot.py for every model and seen / unseen split through the one
 markdown table of per-class mean accuracies (mean ± std over splits).
 """
 
-import json
 import os
 import sys
 
@@ -41,18 +40,12 @@ def run_one(model: str, split: int) -> dict:
       The run's results dict.
     """
     from configs import zeroshot
-    from tljax import train
+    from tljax import sweep
 
-    workdir = os.path.join(_OUT.value, f"{model}_split{split}")
-    results_path = os.path.join(workdir, "results.json")
-    if os.path.exists(results_path):
-        with open(results_path) as f:
-            return json.load(f)
     config = zeroshot.get_config(f"model={model},split={split}")
     if _STEPS.value is not None and model != "eszsl":
         config.train.steps = _STEPS.value
-    os.makedirs(workdir, exist_ok=True)
-    results = train.train_and_evaluate(config, workdir)
+    results = sweep.run_or_load(config, os.path.join(_OUT.value, f"{model}_split{split}"))
     logging.info("%s split %d: %s", model, split, results["final"])
     return results
 

@@ -126,12 +126,38 @@ def point_config(module, point: Point, root: str, overrides: Mapping[str, Any]):
     return config
 
 
-def _finished(workdir: str) -> dict | None:
+def finished_results(workdir: str) -> dict | None:
+    """The results of a run that finished in ``workdir``, or None."""
     path = os.path.join(workdir, "results.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def run_or_load(config, workdir: str, train_fn: Callable[..., dict] | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` unless a run already finished there.
+
+    What benchmarks and sweeps use so that an interrupted batch of runs resumes: a finished
+    run is read back, an unfinished one resumes from its checkpoint.
+
+    Args:
+      config: the run's config (unused when the run is finished).
+      workdir: the run's workdir.
+      train_fn: ``(config, workdir) -> results``; default ``tljax.train.train_and_evaluate``.
+
+    Returns:
+      The run's results.
+    """
+    done = finished_results(workdir)
+    if done is not None:
+        return done
+    if train_fn is None:
+        from tljax import train
+
+        train_fn = train.train_and_evaluate
+    os.makedirs(workdir, exist_ok=True)
+    return train_fn(config, workdir)
 
 
 def _accuracies(results: dict) -> str:
@@ -159,25 +185,19 @@ def run_sweep(
     Returns:
       Point name -> its results.
     """
-    if train_fn is None:
-        from tljax import train
-
-        train_fn = train.train_and_evaluate
     module, points = expand(config_spec)
     results = {}
     for index, point in enumerate(points, start=1):
         point_dir = os.path.join(workdir, point.name)
         prefix = f"[{index}/{len(points)}] {point.name}"
-        done = _finished(point_dir)
+        done = finished_results(point_dir)
         if done is not None:
             results[point.name] = done
             log(f"{prefix}: already finished ({_accuracies(done)}), skipped")
             continue
-        os.makedirs(point_dir, exist_ok=True)
         start = time.time()
-        results[point.name] = train_fn(
-            point_config(module, point, workdir, overrides or {}), point_dir
-        )
+        config = point_config(module, point, workdir, overrides or {})
+        results[point.name] = run_or_load(config, point_dir, train_fn)
         log(f"{prefix}: {_accuracies(results[point.name])} ({time.time() - start:.0f} s)")
     return results
 

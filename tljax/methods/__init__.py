@@ -50,6 +50,27 @@ class Method:
     value_and_grad: Callable[..., tuple[tuple[Any, Metrics], Params]] | None = None
 
 
+def classification_sums(logits, labels, mask) -> Metrics:
+    """Eval sums of a classifier over one padded batch (see `Method.eval_fn`).
+
+    Args:
+      logits: [N, C] class logits.
+      labels: [N] integer labels.
+      mask: [N] 1.0 for real examples, 0.0 for padding.
+
+    Returns:
+      {'accuracy': correct count, 'loss': summed cross-entropy, 'count': real examples}.
+    """
+    import optax
+
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "accuracy": ((logits.argmax(-1) == labels) * mask).sum(),
+        "loss": (losses * mask).sum(),
+        "count": mask.sum(),
+    }
+
+
 def mean_over_count(sums: dict[str, Any]) -> dict[str, float]:
     """The default eval summary: each sum divided by the example count.
 

@@ -18,7 +18,7 @@ from tljax import data, regularizers
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import normalize, to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
-from tljax.methods import Method
+from tljax.methods import Method, classification_sums
 from tljax.models.convnet import ConvNet8
 from tljax.models.digits import DigitClassifier
 from tljax.models.resnet import RESNETS
@@ -146,13 +146,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
 
     def eval_fn(params, batch):
         logits = classify(params, features(params, batch["image"]))
-        mask = batch["mask"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return {
-            "accuracy": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
-            "loss": (losses * mask).sum(),
-            "count": mask.sum(),
-        }
+        return classification_sums(logits, batch["label"], batch["mask"])
 
     def eval_split(name):
         arrays = data.load_split(name, config.data.eval_split, config.data.data_dir)

@@ -15,7 +15,7 @@ import optax
 from tljax import data, optim
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
-from tljax.methods import Method
+from tljax.methods import Method, classification_sums
 from tljax.models.digits import DANNDigitNet
 
 
@@ -102,13 +102,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
         logits = apply(
             params, apply(params, preprocess(batch["image"]), method="features"), method="classify"
         )
-        mask = batch["mask"]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-        return {
-            "accuracy": ((logits.argmax(-1) == batch["label"]) * mask).sum(),
-            "loss": (losses * mask).sum(),
-            "count": mask.sum(),
-        }
+        return classification_sums(logits, batch["label"], batch["mask"])
 
     load = lambda name, split: data.load_split(name, split, config.data.data_dir)
     streams = [Stream("source", load(config.data.source, "train"), config.train.batch_size)]
