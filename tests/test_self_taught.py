@@ -110,15 +110,6 @@ def test_kmeans_plus_plus_picks_distinct_data_points():
     np.testing.assert_array_equal(centroids, clustering.kmeans_plus_plus(points, 5, seed=1))
 
 
-def test_few_label_subset():
-    labels = np.repeat(np.arange(4), 10)
-    chosen = self_taught.few_label_subset(labels, 3, seed=0)
-    assert np.bincount(labels[chosen]).tolist() == [3, 3, 3, 3]
-    np.testing.assert_array_equal(chosen, self_taught.few_label_subset(labels, 3, seed=0))
-    with pytest.raises(ValueError, match="fewer than 11"):
-        self_taught.few_label_subset(labels, 11, seed=0)
-
-
 def test_filter_grid_png(tmp_path):
     grid = filters.filter_grid(np.arange(5 * 16, dtype=float).reshape(5, 16))
     # 5 tiles of 4x4 in 3 columns and 2 rows, 1-pixel borders.

@@ -33,36 +33,13 @@ import orbax.checkpoint as ocp
 from tljax import data
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
+from tljax.data.subsets import per_class_subset
 from tljax.methods import Method
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.self_taught import autoencoder, clustering, patches
 
 STAGES = ("autoencoder", "classify", "cluster")
 FEATURES = {"classify": ("sae", "pixels", "scratch"), "cluster": ("sae", "pixels")}
-
-
-def few_label_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
-    """Seeded indices of `per_class` examples of every class.
-
-    Args:
-      labels: (N,) int classes.
-      per_class: k.
-      seed: numpy seed.
-
-    Returns:
-      Sorted indices, k per class.
-
-    Raises:
-      ValueError: a class has fewer than k examples.
-    """
-    rng = np.random.default_rng(seed)
-    chosen = []
-    for label in np.unique(labels):
-        members = np.flatnonzero(labels == label)
-        if len(members) < per_class:
-            raise ValueError(f"Class {label} has {len(members)} examples, fewer than {per_class}.")
-        chosen.append(rng.choice(members, per_class, replace=False))
-    return np.sort(np.concatenate(chosen))
 
 
 def patch_data(settings: ml_collections.ConfigDict):
@@ -225,9 +202,9 @@ def _digit_inputs(config, images: np.ndarray) -> np.ndarray:
 def _classifier(config: ml_collections.ConfigDict) -> Method:
     load = lambda split: data.load_split(config.data.dataset, split, config.data.data_dir)
     train, test = load("train"), load("test")
-    chosen = few_label_subset(train["label"], config.self_taught.labels_per_class, config.seed)
+    few = per_class_subset(train, config.self_taught.labels_per_class, config.seed)
     key = "image" if config.self_taught.features == "scratch" else "feature"
-    labelled = {key: _digit_inputs(config, train["image"][chosen]), "label": train["label"][chosen]}
+    labelled = {key: _digit_inputs(config, few["image"]), "label": few["label"]}
     test_set = {key: _digit_inputs(config, test["image"]), "label": test["label"]}
     num_classes = int(train["label"].max()) + 1
     model = FewLabelClassifier(num_classes, key == "image", config.model.conv_impl)
