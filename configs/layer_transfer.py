@@ -13,12 +13,13 @@ Every network is evaluated on B's test set ('test/accuracy').
 
 Variants of a single run (after ':', comma separated):
   mode=base|BnB|BnB+|AnB|AnB+  (default base), half=A|B (base only), n=N, seed=N,
-  init_from=DIR (the base run to copy from), data=embedded|cifar100,
+  init_from=DIR (the base run to copy from), data=embedded|embedded_mnist_m|cifar100,
   split=random|dissimilar, split_seed=N (the random split's seed)
 Sweep-only: num_seeds=N (default 2), ns=1-7 (the n values: a range a-b or a list 1/4/7).
 
-data=embedded (default) splits the 10 embedded MNIST digits 5/5; data=cifar100 splits tfds
-cifar100 50/50 (needs the dataset, BUILD.md). split=dissimilar uses the class groups in
+data=embedded (default) splits the 10 embedded MNIST digits 5/5; data=embedded_mnist_m the
+same digits on photo backgrounds (harder, so the curves separate more); data=cifar100 splits
+tfds cifar100 50/50 (needs the dataset, BUILD.md). split=dissimilar uses the class groups in
 DISSIMILAR_SPLITS (digits: curved vs straight-stroked, a stand-in for the paper's natural vs
 man-made ImageNet halves).
 """
@@ -31,9 +32,11 @@ from tljax.config_utils import parse_arg
 
 DATASETS = {
     "embedded": ("embedded_digits/mnist", 10, (28, 28)),
+    "embedded_mnist_m": ("embedded_digits/mnist_m", 10, (28, 28)),
     "cifar100": ("cifar100", 100, (32, 32)),
 }
-DISSIMILAR_SPLITS = {"embedded": ((0, 3, 6, 8, 9), (1, 2, 4, 5, 7))}
+_CURVED_VS_STRAIGHT = ((0, 3, 6, 8, 9), (1, 2, 4, 5, 7))
+DISSIMILAR_SPLITS = {"embedded": _CURVED_VS_STRAIGHT, "embedded_mnist_m": _CURVED_VS_STRAIGHT}
 MODES = ("base", "BnB", "BnB+", "AnB", "AnB+")
 TRANSFERABLE_LAYERS = 7  # ConvNet8 has 8 layers; the last is the new classifier.
 
