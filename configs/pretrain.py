@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from configs import dann
+from configs._common import add_training_blocks, transfer_block
 from tljax.config_utils import parse_arg
 
 
@@ -68,25 +69,9 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
             normalize="none",
         )
     )
-    config.train = ml_collections.ConfigDict(
-        dict(steps=2000, batch_size=64, log_every=100, log_every_secs=30.0)
-    )
-    config.optimizer = ml_collections.ConfigDict(
-        dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0)
-    )
-    config.lr = ml_collections.ConfigDict(dict(schedule="cosine", base=0.01, warmup_steps=0))
-    config.eval = ml_collections.ConfigDict(dict(every=1000, batch_size=500))
-    config.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=1))
+    add_training_blocks(config, steps=2000, batch_size=64, eval_every=1000)
     # Layer transfer (tljax/transfer.py): off until init_from names a run or a checkpoint file.
-    config.transfer = ml_collections.ConfigDict(
-        dict(
-            init_from=FieldReference(None, field_type=str),
-            copy=("*",),
-            reinit=(),
-            freeze=(),
-            lr_mults={},
-        )
-    )
+    config.transfer = transfer_block()
     # Conservative-training penalties (tljax/regularizers.py); all off.
     config.conservative = ml_collections.ConfigDict(
         dict(l2sp_alpha=0.0, l2sp_beta=0.0, output_weight=0.0, temperature=2.0, feature_weight=0.0)

@@ -15,7 +15,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
     os.path.basename(p)[:-3]
     for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
-    if not p.endswith("__init__.py")
+    if not os.path.basename(p).startswith("_")  # __init__.py, shared blocks (_common.py)
 )
 
 

@@ -1,0 +1,56 @@
+"""Config blocks shared by the classifier-style configs (pretrain, multitask, progressive, ...)."""
+
+import ml_collections
+from ml_collections.config_dict import FieldReference
+
+
+def add_training_blocks(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    batch_size: int,
+    eval_every: int,
+    lr_base: float = 0.01,
+) -> ml_collections.ConfigDict:
+    """Adds train / optimizer / lr / eval / checkpoint blocks: SGD momentum 0.9, cosine lr.
+
+    Args:
+      config: the config to extend (modified in place).
+      steps: training steps.
+      batch_size: global batch size.
+      eval_every: steps between evaluations (and checkpoints).
+      lr_base: peak learning rate.
+
+    Returns:
+      ``config``.
+    """
+    config.train = ml_collections.ConfigDict(
+        dict(steps=steps, batch_size=batch_size, log_every=100, log_every_secs=30.0)
+    )
+    config.optimizer = ml_collections.ConfigDict(
+        dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0)
+    )
+    config.lr = ml_collections.ConfigDict(dict(schedule="cosine", base=lr_base, warmup_steps=0))
+    config.eval = ml_collections.ConfigDict(dict(every=eval_every, batch_size=500))
+    config.checkpoint = ml_collections.ConfigDict(dict(every=eval_every, max_to_keep=1))
+    return config
+
+
+def transfer_block(init_from: str | None = None, **fields) -> ml_collections.ConfigDict:
+    """A `transfer` block (tljax/transfer.py): off until ``init_from`` names a run or file.
+
+    Args:
+      init_from: the run, checkpoint or PyTorch file to start from; None trains from scratch.
+      **fields: copy / reinit / freeze / lr_mults to set (defaults: copy all, nothing else).
+
+    Returns:
+      The block, with ``init_from`` typed as an optional string so flags can set it.
+    """
+    block = dict(copy=("*",), reinit=(), freeze=(), lr_mults={})
+    unknown = set(fields) - set(block)
+    if unknown:
+        raise ValueError(f"Unknown transfer field(s) {sorted(unknown)}; use {sorted(block)}.")
+    block |= fields
+    return ml_collections.ConfigDict(
+        dict(init_from=FieldReference(init_from, field_type=str), **block)
+    )
