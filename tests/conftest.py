@@ -31,17 +31,32 @@ def data_dir(tmp_path_factory):
     return path
 
 
+def shrink(config, data_dir, steps=4, eval_every=None, batch_size=16, eval_batch_size=500):
+    """A config cut down to a few small steps on the embedded data in `data_dir`.
+
+    Args:
+      config: any experiment config (modified in place).
+      data_dir: the session's prepared tfds data_dir.
+      steps: training steps.
+      eval_every: steps between evals and checkpoints (default: only at the end).
+      batch_size: global training batch size.
+      eval_batch_size: global eval batch size.
+
+    Returns:
+      ``config``.
+    """
+    config.data.data_dir = data_dir
+    config.train.steps = steps
+    config.train.batch_size = batch_size
+    config.train.log_every = max(1, steps // 2)
+    config.eval.every = config.checkpoint.every = eval_every or steps
+    config.eval.batch_size = eval_batch_size
+    return config
+
+
 @pytest.fixture
 def tiny_dann_config(data_dir):
     """configs/dann.py shrunk to a few small steps on the embedded data."""
     from configs import dann
 
-    config = dann.get_config()
-    config.data.data_dir = data_dir
-    config.train.steps = 6
-    config.train.batch_size = 16
-    config.train.log_every = 2
-    config.eval.every = 3
-    config.eval.batch_size = 200
-    config.checkpoint.every = 3
-    return config
+    return shrink(dann.get_config(), data_dir, steps=6, eval_every=3, eval_batch_size=200)

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import shrink
 
 from configs import multitask as multitask_config
 from tljax import balancing, methods, train
@@ -110,15 +111,7 @@ def test_slice_sizes_follow_the_mixing_ratio():
 
 
 def _tiny(arg, data_dir):
-    config = multitask_config.get_config(arg)
-    config.data.data_dir = data_dir
-    config.train.steps = 4
-    config.train.batch_size = 16
-    config.train.log_every = 2
-    config.eval.every = 4
-    config.eval.batch_size = 500
-    config.checkpoint.every = 4
-    return config
+    return shrink(multitask_config.get_config(arg), data_dir, steps=4)
 
 
 def _small_batch(method, rows=4):

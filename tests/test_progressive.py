@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import shrink
 
 from configs import progressive as progressive_config
 from tljax import params as ptree
@@ -86,13 +87,7 @@ def _tiny(task, variant, root, data_dir):
     config = progressive_config.get_config(
         f"task={task},variant={variant},init_from={root}/{variant}_task{task - 1}"
     )
-    config.data.data_dir = data_dir
-    config.train.steps = 3
-    config.train.batch_size = 16
-    config.train.log_every = 3
-    config.eval.every = 3
-    config.eval.batch_size = 500
-    config.checkpoint.every = 3
+    shrink(config, data_dir, steps=3)
     config.model.conv_widths = (8, 16)
     config.model.dense_widths = (32, 32)
     return config

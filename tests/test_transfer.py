@@ -8,20 +8,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import shrink
 
 from configs import finetune, pretrain
 from tljax import train, transfer
 
 
 def _shrink(config, data_dir):
-    config.data.data_dir = data_dir
-    config.train.steps = 4
-    config.train.batch_size = 16
-    config.train.log_every = 2
-    config.eval.every = 4
-    config.eval.batch_size = 500
-    config.checkpoint.every = 4
-    return config
+    return shrink(config, data_dir, steps=4)
 
 
 def _state(workdir):
