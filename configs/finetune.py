@@ -19,6 +19,10 @@ Variants (after ':', comma separated):
   layers=N       layers counted by freeze / copy, in forward order (default 2: both convs)
   init_from=DIR  the pretraining run's workdir (default runs/pretrain)
   data=embedded|full, seed=N (seed also picks the K shots)
+
+Expected target test accuracy from the default pretraining run (embedded, README table,
+benchmarks/finetune_shots.py): shots=1: scratch 0.19, finetune 0.41, l2sp 0.56, output 0.46;
+shots=10: scratch 0.46, finetune 0.69, l2sp 0.69; shots=50: scratch 0.79, finetune 0.86.
 """
 
 import ml_collections

@@ -9,6 +9,9 @@ Variants (after ':', comma separated):
   classes=0-4              train on a class subset (a range 'a-b' or a list '0/2/4'),
                            relabelled 0..n-1; num_classes follows.
   seed=N
+
+Expected (embedded, default): source test accuracy about 0.975 and 0.52 on the MNIST-M-style
+target test set (README "Few-shot fine-tuning").
 """
 
 import ml_collections
