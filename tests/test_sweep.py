@@ -131,3 +131,16 @@ def test_micro_sweep_end_to_end(data_dir, tmp_path):
     assert os.path.exists(tmp_path / "report.png")
     classes_b = layer_transfer.class_halves("embedded", "random", 0)[1]
     assert tuple(results["BnB_n1_seed0"]["config"]["experiment"]["classes"]) == classes_b
+
+
+def test_layer_transfer_variants():
+    cifar = layer_transfer.get_config("data=cifar100,mode=AnB,n=2,init_from=/runs/baseA")
+    assert cifar.data.train == "cifar100" and cifar.model.image_size == (32, 32)
+    assert len(cifar.data.classes) == cifar.model.num_classes == 50
+    assert cifar.transfer.copy == ("first:2",) and cifar.transfer.freeze == ("first:2",)
+    halves = layer_transfer.class_halves("cifar100", "random", 0)
+    assert sorted(halves[0] + halves[1]) == list(range(100))
+    with pytest.raises(ValueError, match="No dissimilar split is defined for data=cifar100"):
+        layer_transfer.get_config("data=cifar100,split=dissimilar")
+    with pytest.raises(ValueError, match="set init_from"):
+        layer_transfer.get_config("mode=BnB,n=3")
