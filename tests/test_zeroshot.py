@@ -238,3 +238,17 @@ def test_proposed_split_without_root_is_a_clear_error():
 
     with pytest.raises(ValueError, match=r"<zsl_root>/SUN/; set --config.data.zsl_root"):
         zeroshot.build(config)
+
+
+def test_proposed_split_loader_rejects_unreadable_files(tmp_path):
+    folder = tmp_path / "CUB"
+    folder.mkdir()
+    (folder / "res101.mat").write_bytes(b"not a matlab file at all" * 10)
+    (folder / "att_splits.mat").write_bytes(b"not a matlab file at all" * 10)
+    with pytest.raises(ValueError, match=r"res101\.mat is not a MATLAB file scipy can read"):
+        proposed_split.load(str(tmp_path), "cub")
+    # MATLAB v7.3 files start with this header (they are HDF5 underneath).
+    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64".ljust(116) + b"\0" * 8 + b"\x00\x02IM"
+    (folder / "res101.mat").write_bytes(header + b"\0" * 512)
+    with pytest.raises(ValueError, match="v7.3 \\(HDF5\\)"):
+        proposed_split.load(str(tmp_path), "cub")

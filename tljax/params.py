@@ -180,40 +180,29 @@ def _flat_by_path(tree: Params) -> dict[str, Any]:
     return {path_of(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def copy_params(target: Params, source: Params, mask: Mask) -> Params:
-    """``target`` with the selected leaves replaced by ``source``'s leaves of the same path.
+def check_copy(target: Params, source: Params, mask: Mask) -> None:
+    """Checks that ``source`` holds every selected leaf of ``target`` with the same shape.
 
     Args:
-      target: the new network's params (e.g. freshly initialised).
+      target: the new network's params or their shapes (``ShapeDtypeStruct``s will do).
       source: pretrained params; may hold other leaves too (e.g. a head the target lacks).
       mask: selection over ``target`` of the leaves to copy.
-
-    Returns:
-      A new params tree of ``target``'s structure and dtypes.
 
     Raises:
       ValueError: listing every selected path that ``source`` lacks or whose shape differs
         (with both shapes).
     """
     source_flat = _flat_by_path(source)
-    missing, mismatched = [], []
-
-    def pick(key_path, leaf, chosen):
-        if not chosen:
-            return leaf
-        path = path_of(key_path)
-        if path not in source_flat:
-            missing.append(path)
-            return leaf
-        value = source_flat[path]
-        if tuple(np.shape(value)) != tuple(np.shape(leaf)):
-            mismatched.append(f"{path}: pretrained {np.shape(value)} vs model {np.shape(leaf)}")
-            return leaf
-        return jax.numpy.asarray(value, dtype=leaf.dtype)
-
-    copied = jax.tree_util.tree_map_with_path(pick, target, mask)
+    target_flat = _flat_by_path(target)
+    chosen = selected_paths(mask)
+    missing = [path for path in chosen if path not in source_flat]
+    mismatched = [
+        f"{path}: pretrained {np.shape(source_flat[path])} vs model {np.shape(target_flat[path])}"
+        for path in chosen
+        if path in source_flat and np.shape(source_flat[path]) != np.shape(target_flat[path])
+    ]
     problems = []
-    if missing and len(missing) == len(selected_paths(mask)):
+    if missing and len(missing) == len(chosen):
         source_layers = sorted({layer_of(p) for p in source_flat})
         problems.append(
             "none of them exist in the pretrained params, which look like another architecture "
@@ -230,7 +219,31 @@ def copy_params(target: Params, source: Params, mask: Mask) -> Params:
             + "; ".join(problems)
             + "\nRe-initialise these layers instead (transfer.reinit) or narrow transfer.copy."
         )
-    return copied
+
+
+def copy_params(target: Params, source: Params, mask: Mask) -> Params:
+    """``target`` with the selected leaves replaced by ``source``'s leaves of the same path.
+
+    Args:
+      target: the new network's params (e.g. freshly initialised).
+      source: pretrained params; may hold other leaves too (e.g. a head the target lacks).
+      mask: selection over ``target`` of the leaves to copy.
+
+    Returns:
+      A new params tree of ``target``'s structure and dtypes.
+
+    Raises:
+      ValueError: as `check_copy`.
+    """
+    check_copy(target, source, mask)
+    source_flat = _flat_by_path(source)
+
+    def pick(key_path, leaf, chosen):
+        if not chosen:
+            return leaf
+        return jax.numpy.asarray(source_flat[path_of(key_path)], dtype=leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, target, mask)
 
 
 def lr_labels(params: Params, frozen: Mask, lr_mults: Mapping[str, float], layers=None) -> Params:

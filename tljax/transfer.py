@@ -103,7 +103,7 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
             copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
         pretrained = load_pretrained(init_from, shapes, copied)
         # Fail on a missing or mis-shaped leaf now, with every offender listed.
-        ptree.copy_params(shapes_to_zeros(shapes), pretrained, copied)
+        ptree.check_copy(shapes, pretrained, copied)
     elif _patterns(block.get("reinit")):
         raise ValueError("transfer.reinit needs transfer.init_from (without it all is new).")
     freeze = _patterns(block.get("freeze"))
@@ -117,11 +117,6 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
     labels = ptree.lr_labels(shapes, frozen, lr_mults, layers)
     summary = ptree.summary_table(shapes, copied, labels, layers)
     return TransferPlan(pretrained, copied, frozen, labels, layers, summary)
-
-
-def shapes_to_zeros(shapes: Params) -> Params:
-    """Zero host arrays for a tree of ``ShapeDtypeStruct`` (cheap validation targets)."""
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def checkpoint_directory(path: str) -> tuple[str, int]:
@@ -187,8 +182,17 @@ def _convert_torch_file(path: str, shapes: Params, copied: Any) -> Params:
 
     if shapes is None:
         raise ValueError("Converting a PyTorch checkpoint needs the model's params shapes.")
-    wanted = {ptree.layer_of(p) for p in ptree.selected_paths(copied)} if copied else None
-    skipped = sorted({ptree.layer_of(p) for p in ptree.leaf_paths(shapes)} - (wanted or set()))
+    wanted = {ptree.layer_of(p) for p in ptree.selected_paths(copied)} if copied else set()
+    skipped = {ptree.layer_of(p) for p in ptree.leaf_paths(shapes)} - wanted
+
+    # Layers that are not converted stay as the template's leaves and still travel to the
+    # device with the rest, so they must be arrays; converted ones only need their shapes.
+    def template_leaf(key_path, shape):
+        if ptree.layer_of(ptree.path_of(key_path)) in skipped:
+            return np.zeros(shape.shape, shape.dtype)
+        return shape
+
+    template = jax.tree_util.tree_map_with_path(template_leaf, shapes)
     return torch_convert.convert_resnet(
-        torch_convert.load_state_dict(path), shapes_to_zeros(shapes), exclude=skipped
+        torch_convert.load_state_dict(path), template, exclude=sorted(skipped)
     )

@@ -71,6 +71,58 @@ def classification_sums(logits, labels, mask) -> Metrics:
     }
 
 
+def task_classification_sums(task_logits, labels, task_ids, mask) -> Metrics:
+    """Eval sums over a batch mixing several tasks' test sets: each row scored by its task's logits.
+
+    Args:
+      task_logits: one [N, C_t] logits array per task, all computed on the whole batch.
+      labels: [N] labels, each in its own task's label space.
+      task_ids: [N] index of each row's task in ``task_logits``.
+      mask: [N] 1.0 for real examples, 0.0 for padding.
+
+    Returns:
+      Sums as `classification_sums` (accuracy, loss, count) over every row with its own task.
+    """
+    import jax.numpy as jnp
+
+    total = None
+    for index, logits in enumerate(task_logits):
+        # Rows of other tasks may carry labels beyond this head; they are masked out anyway.
+        in_range = jnp.minimum(labels, logits.shape[-1] - 1)
+        sums = classification_sums(logits, in_range, mask * (task_ids == index))
+        total = sums if total is None else {k: total[k] + sums[k] for k in total}
+    return total
+
+
+def image_model_fns(model, model_config) -> tuple[Callable, Callable]:
+    """The input preprocessing and params initialiser of an image model described by config.
+
+    Args:
+      model: a Flax module taking float NHWC images.
+      model_config: the `model` config block (image_size, channels, dtype, optional normalize).
+
+    Returns:
+      (preprocess: uint8 images -> float images of the compute dtype, normalised as
+      `model.normalize` says; init_params: rng -> params).
+    """
+    import jax.numpy as jnp
+
+    from tljax.data.preprocess import normalize, to_float_images
+
+    compute_dtype = jnp.dtype(model_config.dtype)
+    normalization = model_config.get("normalize", "none")
+    example = jnp.zeros((1, *model_config.image_size, model_config.channels), compute_dtype)
+
+    def preprocess(images):
+        images = to_float_images(images, model_config.channels, compute_dtype)
+        return normalize(images, normalization)
+
+    def init_params(rng):
+        return model.init(rng, example)["params"]
+
+    return preprocess, init_params
+
+
 def mean_over_count(sums: dict[str, Any]) -> dict[str, float]:
     """The default eval summary: each sum divided by the example count.
 

@@ -16,9 +16,8 @@ import optax
 
 from tljax import data, regularizers
 from tljax.data.pipeline import Stream
-from tljax.data.preprocess import normalize, to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
-from tljax.methods import Method, classification_sums
+from tljax.methods import Method, classification_sums, image_model_fns
 from tljax.models.convnet import ConvNet8
 from tljax.models.digits import DigitClassifier
 from tljax.models.resnet import RESNETS
@@ -91,28 +90,18 @@ def build(config: ml_collections.ConfigDict) -> Method:
     """
     model = make_model(config)
     weights = _penalty_weights(config)
-    compute_dtype = jnp.dtype(config.model.dtype)
-    image_shape = (1, *config.model.image_size, config.model.channels)
+    preprocess, init_params = image_model_fns(model, config.model)
     classes = config.data.get("classes")
     if classes and len(classes) != config.model.num_classes:
         raise ValueError(
             f"model.num_classes={config.model.num_classes} but data.classes has {len(classes)}."
         )
 
-    normalization = config.model.get("normalize", "none")
-
-    def preprocess(images):
-        images = to_float_images(images, config.model.channels, compute_dtype)
-        return normalize(images, normalization)
-
     def features(params, images):
         return model.apply({"params": params}, preprocess(images), method="features")
 
     def classify(params, feats):
         return model.apply({"params": params}, feats, method="classify")
-
-    def init_params(rng):
-        return model.init(rng, jnp.zeros(image_shape, compute_dtype))["params"]
 
     def loss_fn(params, batch, rng, step):
         del rng, step

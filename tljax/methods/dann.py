@@ -14,8 +14,7 @@ import optax
 
 from tljax import data, optim
 from tljax.data.pipeline import Stream
-from tljax.data.preprocess import to_float_images
-from tljax.methods import Method, classification_sums
+from tljax.methods import Method, classification_sums, image_model_fns
 from tljax.models.digits import DANNDigitNet
 
 
@@ -54,14 +53,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     model = make_model(config)
     adversarial = config.dann.adversarial
     total_steps = config.train.steps
-    compute_dtype = jnp.dtype(config.model.dtype)
-    image_shape = (1, *config.model.image_size, config.model.channels)
-
-    def preprocess(images):
-        return to_float_images(images, config.model.channels, compute_dtype)
-
-    def init_params(rng):
-        return model.init(rng, jnp.zeros(image_shape, compute_dtype))["params"]
+    preprocess, init_params = image_model_fns(model, config.model)
 
     def apply(params, *args, method):
         return model.apply({"params": params}, *args, method=method)

@@ -40,7 +40,7 @@ from tljax import params as ptree
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
-from tljax.methods import Method
+from tljax.methods import Method, task_classification_sums
 from tljax.models.digits import DigitClassifier
 from tljax.models.multitask import SHARED, HardSharing, sequence_of, sharing_table
 
@@ -276,18 +276,9 @@ def build(config: ml_collections.ConfigDict) -> Method:
 
     def eval_fn(params, batch):
         # One eval function serves every test set; each example's `task` picks its network.
-        correct, losses = [], []
-        for task in tasks:
-            logits = sharing.apply(model_part(params), task, preprocess(batch["image"]))
-            labels = jnp.minimum(batch["label"], num_classes[task] - 1)
-            correct.append(logits.argmax(-1) == batch["label"])
-            losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-        pick = jax.nn.one_hot(batch["task"], len(tasks)).T * batch["mask"]
-        return {
-            "accuracy": (jnp.stack(correct) * pick).sum(),
-            "loss": (jnp.stack(losses) * pick).sum(),
-            "count": batch["mask"].sum(),
-        }
+        images = preprocess(batch["image"])
+        task_logits = [sharing.apply(model_part(params), task, images) for task in tasks]
+        return task_classification_sums(task_logits, batch["label"], batch["task"], batch["mask"])
 
     sizes = slice_sizes(config.train.batch_size, {t: specs[t].get("mix", 1.0) for t in tasks})
     streams = tuple(Stream(task, train_arrays[task], sizes[task]) for task in tasks)

@@ -22,9 +22,8 @@ from absl import logging
 
 from tljax import data
 from tljax.data.pipeline import Stream
-from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset
-from tljax.methods import Method
+from tljax.methods import Method, image_model_fns, task_classification_sums
 from tljax.models.progressive import MODES, ProgressiveNet, param_growth_table
 
 TASK_FIELDS = {"dataset", "classes"}
@@ -102,14 +101,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
         for name, spec in specs
     )
     model = make_model(config, task_classes)
-    compute_dtype = jnp.dtype(config.model.dtype)
-    image_shape = (1, *config.model.image_size, config.model.channels)
-
-    def preprocess(images):
-        return to_float_images(images, config.model.channels, compute_dtype)
-
-    def init_params(rng):
-        return model.init(rng, jnp.zeros(image_shape, compute_dtype))["params"]
+    preprocess, init_params = image_model_fns(model, config.model)
 
     logging.info(
         "Progressive network (%s) for tasks %s; parameters per column:\n%s",
@@ -128,17 +120,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     def eval_fn(params, batch):
         # One eval function serves every task's test set; each example's `task` picks its head.
         outputs = model.apply({"params": params}, preprocess(batch["image"]))
-        correct, losses = [], []
-        for logits in outputs:
-            labels = jnp.minimum(batch["label"], logits.shape[-1] - 1)
-            correct.append(logits.argmax(-1) == batch["label"])
-            losses.append(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-        pick = jax.nn.one_hot(batch["task"], len(outputs)).T * batch["mask"]
-        return {
-            "accuracy": (jnp.stack(correct) * pick).sum(),
-            "loss": (jnp.stack(losses) * pick).sum(),
-            "count": batch["mask"].sum(),
-        }
+        return task_classification_sums(outputs, batch["label"], batch["task"], batch["mask"])
 
     eval_sets = {
         f"{name}_test": {**eval_arrays[name], "task": np.full(len(eval_arrays[name]["label"]), k)}

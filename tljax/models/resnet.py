@@ -29,6 +29,7 @@ torchvision's BatchNorm ``weight`` and ``bias``, so parameter counts match torch
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -50,6 +51,7 @@ __all__ = [
     "ResidualBlock",
     "Stage",
     "Stem",
+    "resnet",
     "resnet18",
     "resnet34",
     "resnet50",
@@ -372,45 +374,37 @@ def _stage_name(index: int) -> str:
     return f"stage{index + 1}"
 
 
-def resnet18(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-18 (11.7M parameters with 1000 classes).
+# name -> (blocks per stage, block type); parameter counts with 1000 classes.
+_SPECS = {
+    "resnet18": ((2, 2, 2, 2), BasicBlock),  # 11.7M parameters
+    "resnet34": ((3, 4, 6, 3), BasicBlock),  # 21.8M
+    "resnet50": ((3, 4, 6, 3), Bottleneck),  # 25.6M, v1.5
+}
+
+
+def resnet(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
+    """A torchvision-topology ResNet by name.
 
     Args:
+      name: 'resnet18', 'resnet34' or 'resnet50'.
       num_classes: outputs of the head.
       **kwargs: further ``ResNet`` attributes (``norm``, ``conv_impl``, ``dtype``, ``width``).
 
     Returns:
       The unbound module.
+
+    Raises:
+      ValueError: an unknown name.
     """
-    return ResNet((2, 2, 2, 2), BasicBlock, num_classes=num_classes, **kwargs)
+    if name not in _SPECS:
+        raise ValueError(f"Unknown ResNet {name!r}; use one of {sorted(_SPECS)}.")
+    stage_sizes, block = _SPECS[name]
+    return ResNet(stage_sizes, block, num_classes=num_classes, **kwargs)
 
 
-def resnet34(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-34 (21.8M parameters with 1000 classes).
-
-    Args:
-      num_classes: outputs of the head.
-      **kwargs: further ``ResNet`` attributes (``norm``, ``conv_impl``, ``dtype``, ``width``).
-
-    Returns:
-      The unbound module.
-    """
-    return ResNet((3, 4, 6, 3), BasicBlock, num_classes=num_classes, **kwargs)
-
-
-def resnet50(num_classes: int = 1000, **kwargs: Any) -> ResNet:
-    """ResNet-50 v1.5 (25.6M parameters with 1000 classes).
-
-    Args:
-      num_classes: outputs of the head.
-      **kwargs: further ``ResNet`` attributes (``norm``, ``conv_impl``, ``dtype``, ``width``).
-
-    Returns:
-      The unbound module.
-    """
-    return ResNet((3, 4, 6, 3), Bottleneck, num_classes=num_classes, **kwargs)
-
-
+resnet18 = functools.partial(resnet, "resnet18")
+resnet34 = functools.partial(resnet, "resnet34")
+resnet50 = functools.partial(resnet, "resnet50")
 RESNETS: dict[str, Callable[..., ResNet]] = {
     "resnet18": resnet18,
     "resnet34": resnet34,

@@ -104,8 +104,14 @@ def _read_mat(folder: str, filename: str, keys: tuple[str, ...]) -> dict:
         )
     try:
         contents = scipy.io.loadmat(path)
-    except (NotImplementedError, ValueError) as error:
-        raise ValueError(f"{path} is not a MATLAB v5 file scipy can read ({error}).") from error
+    except NotImplementedError as error:
+        # scipy's own signal for MATLAB v7.3 files, which are HDF5 underneath.
+        raise ValueError(
+            f"{path} is a MATLAB v7.3 (HDF5) file; the proposed-split release ships v5 files. "
+            f"Re-save it with save('-v7') or use the original xlsa17 file ({error})."
+        ) from error
+    except ValueError as error:
+        raise ValueError(f"{path} is not a MATLAB file scipy can read ({error}).") from error
     missing = [key for key in keys if key not in contents]
     if missing:
         raise ValueError(f"{path} lacks the field(s) {missing}; expected {list(keys)}.")
