@@ -9,8 +9,12 @@ FLOPs are 2 * MACs per convolution pass: one pass forward, and in the backward p
 each kernel gradient plus one for each input gradient that is computed (conv 2 always, conv 1
 only with --input_grad). Pooling, ReLU and bias adds are not counted.
 
+With --layers it instead times single convolutions (forward + both gradients) of the digit
+net and of ResNet under every lowering: the measurements behind conv_lowering's auto rule.
+
 Usage:
-  python benchmarks/conv_lowering.py [--batch 256] [--iters 20] [--impls xla,im2col]
+  python benchmarks/conv_lowering.py [--batch 256] [--iters 20] [--impls xla,im2col,auto]
+  python benchmarks/conv_lowering.py --layers
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from tljax import host  # noqa: E402
 from tljax.models import layers  # noqa: E402
 
 # (kernel, cin, cout) of the two convolutions; both VALID, stride 1.
@@ -37,6 +42,40 @@ def _digit_features(params, x, impl):
         y = layers.conv2d(x, params[f"k{i}"], padding="VALID", impl=impl) + params[f"b{i}"]
         x = layers.max_pool(jax.nn.relu(y), (2, 2), impl=impl)
     return x
+
+
+# (name, input NHWC, kernel side, cout, padding) for --layers.
+_LAYERS = (
+    ("digit conv1 5x5x3->32", (256, 28, 28, 3), 5, 32, "VALID"),
+    ("digit conv2 5x5x32->48", (256, 12, 12, 32), 5, 48, "VALID"),
+    ("ResNet 3x3x64->64 (56x56)", (32, 56, 56, 64), 3, 64, "SAME"),
+    ("ResNet 3x3x128->128 (28x28)", (32, 28, 28, 128), 3, 128, "SAME"),
+    ("ResNet 3x3x256->256 (14x14)", (32, 14, 14, 256), 3, 256, "SAME"),
+)
+
+
+def _layer_table(impls: list[str], iters: int, warmup: int) -> None:
+    """Prints ms for forward + input and kernel gradients of each of _LAYERS under `impls`."""
+    print("| layer | batch | " + " | ".join(impls) + " | auto picks |")
+    print("|---|---|" + "---|" * (len(impls) + 1))
+    for name, shape, k, cout, padding in _LAYERS:
+        x = jax.random.normal(jax.random.PRNGKey(0), shape)
+        kernel = jax.random.normal(jax.random.PRNGKey(1), (k, k, shape[-1], cout)) * 0.05
+        fns = {
+            impl: jax.jit(
+                jax.grad(
+                    lambda x, w, impl=impl, pad=padding: jnp.sum(
+                        layers.conv2d(x, w, 1, pad, impl) ** 2
+                    ),
+                    argnums=(0, 1),
+                )
+            )
+            for impl in impls
+        }
+        times = _time_interleaved(fns, (x, kernel), iters, warmup)
+        cells = " | ".join(f"{times[impl][0]:.1f}" for impl in impls)
+        picked = layers.conv_lowering("auto", kernel.shape, (1, 1))
+        print(f"| {name} | {shape[0]} | {cells} | {picked} |")
 
 
 def _conv_macs(batch: int, size: int) -> list[int]:
@@ -78,7 +117,13 @@ def main(argv=None) -> None:
     parser.add_argument("--matmul", type=int, default=1536, help="square matmul size (0: skip)")
     parser.add_argument("--input_grad", action="store_true", help="also differentiate the image")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    parser.add_argument("--layers", action="store_true", help="per-layer table (ms, median)")
     args = parser.parse_args(argv)
+    host.retain_freed_memory()  # As in training (tljax/host.py).
+    if args.layers:
+        impls = args.impls.split(",") if args.impls != "xla,im2col" else ["im2col", "winograd"]
+        _layer_table(impls, args.iters, args.warmup)
+        return
 
     dtype = jnp.dtype(args.dtype)
     keys = jax.random.split(jax.random.PRNGKey(0), 2 * len(_CONVS) + 1)

@@ -4,6 +4,9 @@
   python benchmarks/speed_dann.py                  # step table (a few minutes)
   python benchmarks/speed_dann.py --full_run       # + whole 3000-step runs, tljax vs PyTorch
 
+Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
+CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
+
 Prints markdown tables: ms/step and images/s for B source + B target images on a
 fixed in-memory batch (pure compute) and through the real input pipeline,
 achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
@@ -23,11 +26,13 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from configs import dann as dann_config  # noqa: E402
-from tljax import methods, optim, parallel, train  # noqa: E402
+from tljax import host, methods, optim, parallel, train  # noqa: E402
 from tljax.data import pipeline  # noqa: E402
 
 _BATCHES = flags.DEFINE_list("batches", ["128", "64"], "Images per domain per step.")
-_IMPLS = flags.DEFINE_list("impls", ["xla", "im2col"], "Conv lowerings (xla first: FLOPs).")
+_IMPLS = flags.DEFINE_list(
+    "impls", ["xla", "im2col", "winograd", "auto"], "Conv lowerings (xla first: FLOPs)."
+)
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs torch).")
 _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN runs.")
@@ -124,11 +129,14 @@ def full_runs() -> list[str]:
 
 def main(argv):
     del argv
+    # As train_and_evaluate does on CPU (see tljax/host.py); PyTorch runs in the same process.
+    retained = jax.default_backend() == "cpu" and host.retain_freed_memory()
     device = jax.devices()[0]
     mm = matmul_gflops()
     print(
         f"\nDANN train step, {jax.device_count()} x {device.device_kind} "
-        f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s\n"
+        f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s; "
+        f"glibc keeps freed memory (tljax/host.py, both frameworks): {retained}\n"
     )
     print(
         "| B+B | impl | ms/step (fixed batch) | images/s | ms/step (pipeline) | GFLOP/s "

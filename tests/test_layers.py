@@ -1,4 +1,4 @@
-"""tljax.models.layers: the 'im2col' (CPU) lowerings must compute what the 'xla' ones compute."""
+"""tljax.models.layers: the CPU lowerings ('im2col', 'winograd') must compute what 'xla' does."""
 
 import functools
 from unittest import mock
@@ -129,6 +129,80 @@ def test_conv2d_im2col_matches_xla(case):
     _assert_close(dk, dk_ref)
 
 
+# Winograd-specific shapes: sizes that are not multiples of the 4x4 tile, rectangular kernels.
+WINOGRAD_CASES = [
+    (3, 12, 12, 32, 48, 5, 1, "VALID"),  # digit net, conv 2
+    (2, 9, 7, 16, 8, 3, 1, "SAME"),
+    (2, 6, 6, 3, 5, 2, 1, "VALID"),
+    (1, 5, 5, 4, 4, 5, 1, 2),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES + WINOGRAD_CASES, ids=_conv_case_id)
+def test_conv2d_winograd_matches_xla(case):
+    x, kernel = _random_conv_inputs(case)
+    y_ref, _, (dx_ref, dk_ref) = _conv_fn(*case[6:], "xla")(x, kernel)
+    y, y_grad, (dx, dk) = _conv_fn(*case[6:], "winograd")(x, kernel)
+    assert y.dtype == y_grad.dtype == jnp.float32
+    _assert_close(y, y_ref)
+    # The tile transforms add a few float32 roundings per output (interpolation points up to
+    # +-2), so under differentiation the bound is a little looser than im2col's.
+    _assert_close(y_grad, y_ref, rtol=3e-4)
+    _assert_close(dx, dx_ref, rtol=3e-4)
+    _assert_close(dk, dk_ref, rtol=3e-4)
+
+
+def test_conv2d_winograd_rectangular_kernel():
+    x = _normal((2, 10, 11, 5), 0)
+    kernel = _normal((3, 5, 5, 4), 1, scale=75**-0.5)
+    pads = ((1, 2), (0, 3))
+    y_ref, _, (dx_ref, dk_ref) = _conv_fn(1, pads, "xla")(x, kernel)
+    _, y, (dx, dk) = _conv_fn(1, pads, "winograd")(x, kernel)
+    for actual, desired in ((y, y_ref), (dx, dx_ref), (dk, dk_ref)):
+        _assert_close(actual, desired, rtol=3e-4)
+
+
+@pytest.mark.parametrize("r", [2, 3, 4, 5])
+def test_winograd_matrices_compute_the_correlation(r):
+    at, g, bt = layers.winograd_matrices(4, r)
+    rng = np.random.default_rng(r)
+    for _ in range(5):
+        d, f = rng.standard_normal(4 + r - 1), rng.standard_normal(r)
+        expected = [np.dot(f, d[i : i + r]) for i in range(4)]
+        np.testing.assert_allclose(at @ ((g @ f) * (bt @ d)), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_matrices_reject_too_large_tiles():
+    with pytest.raises(ValueError, match="finite points"):
+        layers.winograd_matrices(4, 7)
+
+
+@pytest.mark.parametrize(
+    "impl, kernel_shape, strides, expected",
+    [
+        ("auto", (5, 5, 3, 32), (1, 1), "im2col"),  # digit conv 1: short patch
+        ("auto", (5, 5, 32, 48), (1, 1), "winograd"),  # digit conv 2
+        ("auto", (3, 3, 64, 64), (1, 1), "im2col"),
+        ("auto", (3, 3, 256, 256), (1, 1), "winograd"),
+        ("auto", (3, 3, 256, 256), (2, 2), "im2col"),  # strided
+        ("auto", (7, 7, 64, 64), (1, 1), "im2col"),  # no F(4, 7)
+        ("auto", (1, 1, 64, 256), (1, 1), "1x1"),
+        ("winograd", (5, 5, 3, 32), (1, 1), "winograd"),
+        ("winograd", (3, 3, 64, 64), (2, 2), "im2col"),
+        ("im2col", (5, 5, 32, 48), (1, 1), "im2col"),
+        ("xla", (5, 5, 32, 48), (1, 1), "xla"),
+    ],
+)
+def test_conv_lowering_choice_on_cpu(impl, kernel_shape, strides, expected):
+    assert layers.conv_lowering(impl, kernel_shape, strides) == expected
+
+
+def test_conv_lowering_auto_is_xla_on_gpu():
+    with mock.patch("jax.default_backend", return_value="gpu"):
+        assert layers.conv_lowering("auto", (5, 5, 32, 48), (1, 1)) == "xla"
+        assert layers.conv_lowering("winograd", (5, 5, 32, 48), (1, 1)) == "winograd"
+
+
 @pytest.mark.parametrize("target_chunk", [1, 4, 6])
 def test_conv2d_batch_chunking(monkeypatch, target_chunk):
     # Batch 11 in chunks of 1 (scan only), 4 (scan + remainder) and 6 (one chunk + remainder):
@@ -146,10 +220,11 @@ def test_conv2d_batch_chunking(monkeypatch, target_chunk):
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], CONV_CASES[8]], ids=_conv_case_id)
-def test_conv2d_bfloat16(case):
+@pytest.mark.parametrize("impl", ["im2col", "winograd"])
+def test_conv2d_bfloat16(case, impl):
     x, kernel = _random_conv_inputs(case, jnp.bfloat16)
     y_ref, _, (dx_ref, dk_ref) = _conv_fn(*case[6:], "xla")(x, kernel)
-    y, y_grad, (dx, dk) = _conv_fn(*case[6:], "im2col")(x, kernel)
+    y, y_grad, (dx, dk) = _conv_fn(*case[6:], impl)(x, kernel)
     assert y.dtype == y_grad.dtype == y_ref.dtype == jnp.bfloat16
     assert dx.dtype == dk.dtype == jnp.bfloat16
     _assert_close(y, y_ref, rtol=3e-2)

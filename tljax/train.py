@@ -18,7 +18,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from tljax import methods, optim, parallel, transfer
+from tljax import host, methods, optim, parallel, transfer
 from tljax import params as ptree
 from tljax.data import pipeline
 
@@ -274,6 +274,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """
     start_time = time.time()
     mesh = parallel.make_data_mesh(devices)
+    if mesh.devices.flat[0].platform == "cpu":
+        host.retain_freed_memory()
     num_steps = config.train.steps
     method = methods.build(config)
     for stream in method.train_streams:

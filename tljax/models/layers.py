@@ -5,25 +5,26 @@ forward convolution is fine when XLA can fuse it with the ops around it into one
 kernel (inference), but the kernel gradient is lowered as a convolution whose window is the whole
 feature map, the input gradient as a fully padded convolution outside the tiled kernels, and
 max-pool's backward (``select_and_scatter``) is 3-25x slower than the fused formulation below.
-Every op here therefore has two lowerings:
+Every op here therefore has several lowerings:
 
 * ``'xla'``: ``lax.conv_general_dilated`` / ``flax.linen.max_pool``. Use on GPU/TPU.
 * ``'im2col'``: under differentiation, the convolution's forward pass and both gradients are
   matmuls over image patches, built over chunks of the batch so that the patches stay in cache;
   max-pool records the argmax in its forward pass and scatters the gradient with fused
   elementwise ops. Without differentiation both keep the native ops, which fuse best. For CPU.
+* ``'winograd'``: stride-1 convolutions with kernel sides 2-5 as Winograd F(4x4, kh x kw)
+  (Lavin & Gray 2016): 4-6x fewer multiplications and no patch matrix, at the price of tile
+  transforms. Other convolutions fall back to ``'im2col'``. Pooling as ``'im2col'``. For CPU.
 
-``impl='auto'`` (the default everywhere) picks ``'im2col'`` when ``jax.default_backend()`` is
-``'cpu'`` and ``'xla'`` otherwise. Both lowerings compute the same function with the same
-parameters (outputs and gradients agree to float rounding; max-pool gradients agree exactly, ties
-included), so a checkpoint trained with one runs under the other.
+``impl='auto'`` (the default everywhere) picks, on CPU, ``'winograd'`` for the stride-1 layers
+with long patches and ``'im2col'`` for the rest (``conv_lowering``), and ``'xla'`` on any other
+backend. All lowerings compute the same function with the same parameters (outputs and
+gradients agree to float rounding; max-pool gradients agree exactly, ties included), so a
+checkpoint trained with one runs under another.
 
-On the DANN digit net (batch 256, 2-core CPU) a forward+backward step is ~3.4x faster with
-``'im2col'``; see ``benchmarks/conv_lowering.py``. Part of what remains is page faults: glibc
-returns XLA's large per-step buffers to the OS and every step faults them in again (about 1 ms
-per MB on a VM). Setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736
-MALLOC_ARENA_MAX=1`` in the environment removes those faults: ~1.25x faster for ``'im2col'``,
-~1.9x for ``'xla'``.
+On the DANN digit net (batch 256, 2-core CPU) a forward+backward step is ~1.9x faster with
+``'im2col'`` than with ``'xla'``, and Winograd halves the second convolution's time again; see
+``benchmarks/speed_dann.py``. The host allocator matters as much: see ``tljax/host.py``.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ __all__ = [
     "Conv",
     "avg_pool",
     "conv2d",
+    "conv_lowering",
     "max_pool",
     "resolve_impl",
+    "winograd_matrices",
 ]
 
-CONV_IMPLS = ("auto", "xla", "im2col")
+CONV_IMPLS = ("auto", "xla", "im2col", "winograd")
 
 Array = jax.Array
 Padding = str | int | Sequence[int | tuple[int, int]]
@@ -70,11 +73,12 @@ def resolve_impl(impl: str) -> str:
     can be patched with ``unittest.mock.patch("jax.default_backend", ...)`` in tests.
 
     Args:
-      impl: one of ``CONV_IMPLS``. ``'auto'`` means ``'im2col'`` on CPU and ``'xla'`` on any
-        other backend; the other names are returned unchanged.
+      impl: one of ``CONV_IMPLS``. ``'auto'`` means ``'im2col'`` on CPU (which ``conv_lowering``
+        refines per layer) and ``'xla'`` on any other backend; the other names are returned
+        unchanged.
 
     Returns:
-      ``'xla'`` or ``'im2col'``.
+      ``'xla'``, ``'im2col'`` or ``'winograd'``.
 
     Raises:
       ValueError: if ``impl`` is not one of ``CONV_IMPLS``.
@@ -84,6 +88,37 @@ def resolve_impl(impl: str) -> str:
     if impl == "auto":
         return "im2col" if jax.default_backend() == "cpu" else "xla"
     return impl
+
+
+def conv_lowering(impl: str, kernel_shape: Sequence[int], strides: Sequence[int]) -> str:
+    """The lowering ``conv2d`` uses for one layer.
+
+    On CPU, ``'auto'`` picks Winograd for the layers where it measured faster (stride 1, kernel
+    sides 2-5, a patch of ``kh * kw * cin >= _WINOGRAD_MIN_PATCH`` values) and im2col for the
+    rest. With short patches the tile transforms, whose cost does not shrink with the patch,
+    outweigh the saved multiplications: the digit net's first conv (5x5x3) is 3x slower with
+    Winograd, its second (5x5x32) 2x faster; a 3x3x64 ResNet conv breaks even, 3x3x256 gains.
+
+    Args:
+      impl: one of ``CONV_IMPLS``.
+      kernel_shape: ``(kh, kw, cin, cout)``.
+      strides: pair of ints.
+
+    Returns:
+      ``'xla'``, ``'im2col'``, ``'winograd'``, or ``'1x1'`` (a 1x1 kernel: a plain matmul).
+    """
+    explicit = resolve_impl(impl)
+    if explicit == "xla":
+        return explicit
+    kh, kw, cin, _ = kernel_shape
+    if (kh, kw) == (1, 1):
+        return "1x1"
+    eligible = tuple(strides) == (1, 1) and 2 <= kh <= 5 and 2 <= kw <= 5
+    if impl == "auto":
+        return "winograd" if eligible and kh * kw * cin >= _WINOGRAD_MIN_PATCH else "im2col"
+    if explicit == "winograd" and not eligible:
+        return "im2col"
+    return explicit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +372,114 @@ def _conv_im2col_bwd(strides, pads, res, dy):
 _conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
+# ----------------------------------------------------------------------------------------------
+# Winograd convolution (Lavin & Gray 2016).
+
+# Output tile side m of F(m x m, r x r). Larger tiles save more multiplications but need more
+# interpolation points, which worsens fp32 rounding: with m = 4 and r <= 5 the error stays within
+# a few float32 ulps of the output's scale (tests/test_layers.py bounds it).
+_WINOGRAD_TILE = 4
+# Interpolation points, finite ones first (infinity is implied as the last point); the small
+# magnitudes keep the transforms well conditioned (the choice of Lavin & Gray and of cuDNN).
+_WINOGRAD_POINTS = (0.0, 1.0, -1.0, 2.0, -2.0, 0.5, -0.5)
+# auto uses Winograd for layers whose im2col patch (kh * kw * cin values) is at least this long
+# (see conv_lowering): set from `python benchmarks/conv_lowering.py --layers`.
+_WINOGRAD_MIN_PATCH = 800
+
+
+@functools.cache
+def winograd_matrices(m: int, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Toom-Cook matrices of the 1-D minimal filtering algorithm F(m, r).
+
+    For a length-``m + r - 1`` signal ``d`` and a length-``r`` filter ``g``, the correlation
+    ``y[i] = sum_k g[k] d[i + k]`` equals ``AT @ ((G @ g) * (BT @ d))``, using ``m + r - 1``
+    multiplications instead of ``m * r``. Derived from polynomial multiplication evaluated at the
+    points ``_WINOGRAD_POINTS`` and infinity: ``G`` and ``AT.T`` are Vandermonde matrices and
+    ``BT`` is the transposed inverse of the full one.
+
+    Args:
+      m: outputs per tile.
+      r: filter length.
+
+    Returns:
+      ``(AT, G, BT)`` as float64 arrays of shapes ``(m, a)``, ``(a, r)``, ``(a, a)``, ``a = m + r
+      - 1``.
+
+    Raises:
+      ValueError: if F(m, r) needs more points than ``_WINOGRAD_POINTS`` provides.
+    """
+    a = m + r - 1
+    if a - 1 > len(_WINOGRAD_POINTS):
+        raise ValueError(f"F({m}, {r}) needs {a - 1} finite points; have {len(_WINOGRAD_POINTS)}.")
+    vander = np.zeros((a, a))
+    for row, point in enumerate(_WINOGRAD_POINTS[: a - 1]):
+        vander[row] = point ** np.arange(a)
+    vander[a - 1, a - 1] = 1.0  # Infinity picks the leading coefficient.
+
+    def leading_at_infinity(cols: int) -> np.ndarray:
+        part = vander[:, :cols].copy()
+        part[a - 1] = 0.0
+        part[a - 1, cols - 1] = 1.0
+        return part
+
+    return leading_at_infinity(m).T, leading_at_infinity(r), np.linalg.inv(vander).T
+
+
+def _tile_transform(x: Array, transform: np.ndarray, axis: int, m: int, tiles: int) -> Array:
+    """Cuts ``axis`` into ``tiles`` overlapping windows (stride ``m``, length ``a``) and applies
+    ``transform`` (``(a', a)``) to each window; the transformed index becomes axis 0."""
+    a = transform.shape[1]
+    windows = jnp.stack(
+        [lax.slice_in_dim(x, i, i + m * (tiles - 1) + 1, m, axis) for i in range(a)]
+    )
+    return jnp.tensordot(jnp.asarray(transform, x.dtype), windows, axes=1)
+
+
+def _winograd(x: Array, kernel: Array, pads: Pads) -> Array:
+    """Stride-1 convolution as F(4x4, kh x kw) Winograd: tile transforms, one batched matmul over
+    the tile positions, output transform. Differentiated by autodiff: the transposes of the
+    transforms and matmul are the same algorithm for both gradients."""
+    kh, kw, cin, cout = kernel.shape
+    m = _WINOGRAD_TILE
+    ct = _compute_dtype(x.dtype)
+    (at_h, g_h, bt_h), (at_w, g_w, bt_w) = winograd_matrices(m, kh), winograd_matrices(m, kw)
+    x = _pad_spatial(x.astype(ct), pads)
+    n, h, w, _ = x.shape
+    ho, wo = h - kh + 1, w - kw + 1
+    th, tw = -(-ho // m), -(-wo // m)
+    x = jnp.pad(x, ((0, 0), (0, th * m + kh - 1 - h), (0, tw * m + kw - 1 - w), (0, 0)))
+    rows = _tile_transform(x, bt_h, 1, m, th)  # (ah, n, th, w', cin)
+    tiles = _tile_transform(rows, bt_w, 3, m, tw)  # (aw, ah, n, th, tw, cin)
+    ah, aw = bt_h.shape[0], bt_w.shape[0]
+    tiles = tiles.reshape(aw * ah, n * th * tw, cin)
+    # Kernel transform G k G^T, laid out like the tiles: (aw, ah, cin, cout).
+    u = jnp.einsum("qj,pi,ijco->qpco", g_w.astype(np.float32), g_h.astype(np.float32), kernel)
+    u = u.astype(ct).reshape(aw * ah, cin, cout)
+    prod = lax.dot_general(tiles, u, (((2,), (1,)), ((0,), (0,))))  # (aw * ah, T, cout)
+    prod = prod.reshape(aw, ah, n, th, tw, cout)
+    y = jnp.einsum("jq,ip,qpnhwo->nhiwjo", at_w.astype(np.float32), at_h.astype(np.float32), prod)
+    return y.reshape(n, th * m, tw * m, cout)[:, :ho, :wo]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_winograd(x: Array, kernel: Array, pads: Pads) -> Array:
+    # Not differentiated: the native convolution, fused by XLA with its neighbours (as im2col).
+    return _conv_xla(x, kernel, (1, 1), pads)
+
+
+def _conv_winograd_fwd(x, kernel, pads):
+    # The vjp function is a pytree of the residual arrays (the transformed tiles and kernel).
+    return jax.vjp(lambda x, k: _winograd(x, k, pads).astype(x.dtype), x, kernel)
+
+
+def _conv_winograd_bwd(pads, vjp, dy):
+    del pads
+    return vjp(dy)
+
+
+_conv_winograd.defvjp(_conv_winograd_fwd, _conv_winograd_bwd)
+
+
 def conv2d(
     x: Array,
     kernel: Array,
@@ -357,16 +500,18 @@ def conv2d(
     Returns:
       ``(N, Ho, Wo, Cout)`` output with the dtype ``lax.conv_general_dilated`` would return.
     """
-    impl = resolve_impl(impl)
     if x.ndim != 4 or kernel.ndim != 4:
         raise ValueError(f"Expected NHWC input and HWIO kernel, got {x.shape} and {kernel.shape}.")
     strides = _pair(strides, "strides", (1, 1))
     kh, kw = kernel.shape[:2]
     pads = _explicit_pads(padding, x.shape[1:3], (kh, kw), strides)
-    if impl == "xla":
+    lowering = conv_lowering(impl, kernel.shape, strides)
+    if lowering == "xla":
         return _conv_xla(x, kernel, strides, pads)
-    if (kh, kw) == (1, 1):
+    if lowering == "1x1":
         return _conv_1x1(x, kernel, strides, pads)
+    if lowering == "winograd":
+        return _conv_winograd(x, kernel, pads)
     return _conv_im2col(x, kernel, strides, pads)
 
 
