@@ -24,6 +24,8 @@ CONV_CASES = [
     (2, 8, 8, 16, 32, 1, 2, "SAME"),  # ResNet downsample
     (2, 9, 7, 3, 4, 1, 1, ((1, 0), (0, 1))),
     (1, 10, 10, 16, 4, 3, 2, "VALID"),
+    (2, 10, 12, 3, 8, 3, 1, "SAME"),  # 2x2 output blocks, padded
+    (2, 9, 9, 2, 8, 4, 1, ((1, 0), (2, 1))),  # 2x2 output blocks, asymmetric kernel padding
 ]
 
 
@@ -201,6 +203,15 @@ def test_conv_lowering_auto_is_xla_on_gpu():
     with mock.patch("jax.default_backend", return_value="gpu"):
         assert layers.conv_lowering("auto", (5, 5, 32, 48), (1, 1)) == "xla"
         assert layers.conv_lowering("winograd", (5, 5, 32, 48), (1, 1)) == "winograd"
+
+
+def test_output_blocks_for_short_patches():
+    # The digit net's first conv (5x5x3, 24x24 outputs) uses 2x2 output blocks; long patches,
+    # strides and odd output sizes use the plain im2col.
+    assert layers._uses_output_blocks((5, 5, 3, 32), (1, 1), (24, 24))
+    assert not layers._uses_output_blocks((5, 5, 32, 48), (1, 1), (8, 8))
+    assert not layers._uses_output_blocks((3, 3, 3, 32), (2, 2), (8, 8))
+    assert not layers._uses_output_blocks((3, 3, 3, 32), (1, 1), (7, 8))
 
 
 @pytest.mark.parametrize("target_chunk", [1, 4, 6])

@@ -372,6 +372,109 @@ def _conv_im2col_bwd(strides, pads, res, dy):
 _conv_im2col.defvjp(_conv_im2col_fwd, _conv_im2col_bwd)
 
 
+# Output blocks: for a short patch (few input channels) the im2col matmul is narrow (``cout``
+# columns) and its patch matrix is long. Computing each 2x2 block of outputs from one
+# (kh + 1) x (kw + 1) window instead makes the matmul 4x wider and the patch matrix 2-3x smaller,
+# for 1.4-1.8x the multiplications: the digit net's first conv (5x5x3) trains 1.5x faster.
+_BLOCK = 2
+# Patches shorter than this (kh * kw * cin values) use output blocks (stride-1 convs only).
+_BLOCK_MAX_PATCH = 128
+
+
+def _uses_output_blocks(kernel_shape, strides, out_hw) -> bool:
+    kh, kw, cin, _ = kernel_shape
+    return (
+        tuple(strides) == (1, 1)
+        and kh * kw * cin < _BLOCK_MAX_PATCH
+        and out_hw[0] % _BLOCK == 0
+        and out_hw[1] % _BLOCK == 0
+    )
+
+
+def _block_patches(x: Array, kh: int, kw: int, blocks_hw: tuple[int, int]) -> Array:
+    """``(N, bh, bw, (kh + 1) * (kw + 1) * C)``: the input window of each 2x2 output block."""
+    s = _BLOCK
+    rows = _strided_slices(x, 1, kh + s - 1, s, blocks_hw[0])
+    return jnp.concatenate(
+        [c for r in rows for c in _strided_slices(r, 2, kw + s - 1, s, blocks_hw[1])], -1
+    )
+
+
+def _block_patches_t(x: Array, kh: int, kw: int, blocks_hw: tuple[int, int]) -> Array:
+    """``_block_patches`` channel-major, ``(window * C, N * bh * bw)``, for the kernel gradient
+    (contiguous copies; see ``_patches_t``)."""
+    s, c = _BLOCK, x.shape[3]
+    xt = jnp.transpose(x, (3, 0, 1, 2))  # C, N, H, W
+    cols = jnp.stack(_strided_slices(xt, 3, kw + s - 1, s, blocks_hw[1]), 0)
+    rows = jnp.stack(_strided_slices(cols, 3, kh + s - 1, s, blocks_hw[0]), 0)
+    return rows.reshape((kh + s - 1) * (kw + s - 1) * c, -1)
+
+
+def _block_kernel(kernel: Array) -> Array:
+    """``(window * C, 4 * cout)``: the kernel placed at each of the 4 offsets of a block."""
+    kh, kw, cin, cout = kernel.shape
+    s = _BLOCK
+    placed = [
+        jnp.pad(kernel, ((i, s - 1 - i), (j, s - 1 - j), (0, 0), (0, 0)))
+        for i in range(s)
+        for j in range(s)
+    ]
+    return jnp.stack(placed, 3).reshape((kh + s - 1) * (kw + s - 1) * cin, s * s * cout)
+
+
+def _from_blocks(y: Array) -> Array:
+    n, bh, bw, _ = y.shape
+    s = _BLOCK
+    y = y.reshape(n, bh, bw, s, s, -1).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, bh * s, bw * s, -1)
+
+
+def _to_blocks(dy: Array) -> Array:
+    n, ho, wo, c = dy.shape
+    s = _BLOCK
+    dy = dy.reshape(n, ho // s, s, wo // s, s, c).transpose(0, 1, 3, 2, 4, 5)
+    return dy.reshape(n, ho // s, wo // s, s * s * c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_blocked(x: Array, kernel: Array, pads: Pads) -> Array:
+    # Not differentiated: the native convolution (as for _conv_im2col).
+    return _conv_xla(x, kernel, (1, 1), pads)
+
+
+def _conv_blocked_fwd(x, kernel, pads):
+    kh, kw = kernel.shape[:2]
+    ct = _compute_dtype(x.dtype)
+    xp = _pad_spatial(x.astype(ct), pads)
+    blocks_hw = ((xp.shape[1] - kh + 1) // _BLOCK, (xp.shape[2] - kw + 1) // _BLOCK)
+    patches = _block_patches(xp, kh, kw, blocks_hw)
+    y = lax.dot_general(patches, _block_kernel(kernel.astype(ct)), (((3,), (0,)), ((), ())))
+    return _from_blocks(y).astype(x.dtype), (x, kernel)
+
+
+def _conv_blocked_bwd(pads, res, dy):
+    x, kernel = res
+    kh, kw, cin, cout = kernel.shape
+    ct = _compute_dtype(x.dtype)
+    dy_blocks = _to_blocks(dy.astype(ct))
+    blocks_hw = dy_blocks.shape[1:3]
+    xp = _pad_spatial(x.astype(ct), pads)
+    dblock_kernel = _block_patches_t(xp, kh, kw, blocks_hw) @ dy_blocks.reshape(-1, 4 * cout)
+    _, kernel_vjp = jax.vjp(_block_kernel, kernel.astype(ct))
+    (dkernel,) = kernel_vjp(dblock_kernel)
+    # The input gradient (pruned by XLA where unused, as for an image): col2im of the blocks.
+    dpatches = lax.dot_general(
+        dy_blocks, _block_kernel(kernel.astype(ct)), (((3,), (1,)), ((), ()))
+    )
+    (dxp,) = jax.linear_transpose(lambda z: _block_patches(z, kh, kw, blocks_hw), xp)(dpatches)
+    h, w = x.shape[1:3]
+    dx = dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_conv_blocked.defvjp(_conv_blocked_fwd, _conv_blocked_bwd)
+
+
 # ----------------------------------------------------------------------------------------------
 # Winograd convolution (Lavin & Gray 2016).
 
@@ -512,6 +615,9 @@ def conv2d(
         return _conv_1x1(x, kernel, strides, pads)
     if lowering == "winograd":
         return _conv_winograd(x, kernel, pads)
+    out_hw = tuple(_out_size(x.shape[i + 1], kernel.shape[i], 1, pads[i]) for i in range(2))
+    if _uses_output_blocks(kernel.shape, strides, out_hw):
+        return _conv_blocked(x, kernel, pads)
     return _conv_im2col(x, kernel, strides, pads)
 
 
