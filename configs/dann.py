@@ -42,7 +42,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     config.model = ml_collections.ConfigDict(
-        dict(num_classes=10, image_size=(28, 28), channels=3, conv_impl="auto", dtype="float32")
+        dict(
+            num_classes=10,
+            image_size=(28, 28),
+            channels=3,
+            conv_impl="auto",
+            dtype="float32",
+            microbatch="auto",
+        )
     )
     config.dann = ml_collections.ConfigDict(
         dict(adversarial=arg["adversarial"], gamma=10.0, domain_weight=1.0)

@@ -398,3 +398,36 @@ def test_conv_module_bfloat16(impl):
     assert all(g.dtype == jnp.float32 for g in jax.tree_util.tree_leaves(grads))
     ref = nn.Conv(**config).apply(params, x)
     _assert_close(y, ref, rtol=3e-2)
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batching
+
+
+def test_microbatched_equals_one_pass():
+    x = _normal((10, 6, 6, 3), 0)
+    kernel = _normal((3, 3, 3, 4), 1)
+    fn = lambda x: layers.max_pool(layers.conv2d(x, kernel, 1, "SAME"), 2)
+    expected = fn(x)
+    for size in (0, 3, 5, 10, 64):  # uneven last chunk, exact split, one pass
+        np.testing.assert_array_equal(layers.microbatched(fn, x, size), expected)
+
+
+def test_microbatched_gradients_equal_one_pass():
+    x = _normal((7, 6, 6, 3), 0)
+    kernel = _normal((3, 3, 3, 4), 1)
+    loss = lambda k, size: jnp.sum(
+        jnp.sin(layers.microbatched(lambda x: layers.conv2d(x, k, 1, "SAME"), x, size))
+    )
+    _assert_close(jax.grad(loss)(kernel, 3), jax.grad(loss)(kernel, 0), rtol=1e-5)
+
+
+def test_resolve_microbatch():
+    assert layers.resolve_microbatch("auto") == layers._CPU_MICROBATCH
+    assert layers.resolve_microbatch(0) == 0
+    assert layers.resolve_microbatch("32") == 32  # As a command-line override gives it.
+    with mock.patch("jax.default_backend", return_value="gpu"):
+        assert layers.resolve_microbatch("auto") == 0
+    for bad in (-1, "fast", None):
+        with pytest.raises(ValueError, match="microbatch must be 'auto' or an int >= 0"):
+            layers.resolve_microbatch(bad)

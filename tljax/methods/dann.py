@@ -37,6 +37,7 @@ def make_model(config: ml_collections.ConfigDict) -> DANNDigitNet:
         num_classes=config.model.num_classes,
         conv_impl=config.model.conv_impl,
         dtype=jnp.dtype(config.model.dtype),
+        microbatch=config.model.get("microbatch", "auto"),
     )
 
 

@@ -11,27 +11,41 @@ from tljax.models.grl import gradient_reversal
 
 
 class DigitFeatures(nn.Module):
-    """conv5x5x32 -> ReLU -> maxpool2 -> conv5x5x48 -> ReLU -> maxpool2 -> flatten."""
+    """conv5x5x32 -> ReLU -> maxpool2 -> conv5x5x48 -> ReLU -> maxpool2 -> flatten.
+
+    Attributes:
+      conv_impl: conv/pool lowering (see ``tljax.models.layers``).
+      dtype: computation dtype.
+      microbatch: rows per pass through the layers (``layers.resolve_microbatch``; ``'auto'``:
+        cache-sized chunks on CPU, one pass elsewhere). Does not change the result.
+    """
 
     conv_impl: str = "auto"
     dtype: Any = None
+    microbatch: int | str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i, width in enumerate((32, 48)):
-            x = layers.Conv(
+        convs = [
+            layers.Conv(
                 width,
                 (5, 5),
                 padding="VALID",
                 impl=self.conv_impl,
                 dtype=self.dtype,
                 name=f"conv_{i}",
-            )(x)
-            # relu(maxpool(x)) == maxpool(relu(x)) exactly (ReLU is monotone), and pooling
-            # first runs the ReLU and its backward on 4x fewer elements.
-            x = layers.max_pool(x, (2, 2), impl=self.conv_impl)
-            x = nn.relu(x)
-        return x.reshape(x.shape[0], -1)
+            )
+            for i, width in enumerate((32, 48))
+        ]
+
+        def trunk(x):
+            for conv in convs:
+                # relu(maxpool(x)) == maxpool(relu(x)) exactly (ReLU is monotone), and pooling
+                # first runs the ReLU and its backward on 4x fewer elements.
+                x = nn.relu(layers.max_pool(conv(x), (2, 2), impl=self.conv_impl))
+            return x.reshape(x.shape[0], -1)
+
+        return layers.microbatched(trunk, x, layers.resolve_microbatch(self.microbatch))
 
 
 class MLPHead(nn.Module):
@@ -61,9 +75,12 @@ class DANNDigitNet(nn.Module):
     domain_widths: tuple[int, ...] = (100,)
     conv_impl: str = "auto"
     dtype: Any = None
+    microbatch: int | str = "auto"
 
     def setup(self):
-        self.feature = DigitFeatures(conv_impl=self.conv_impl, dtype=self.dtype)
+        self.feature = DigitFeatures(
+            conv_impl=self.conv_impl, dtype=self.dtype, microbatch=self.microbatch
+        )
         self.label = MLPHead((*self.label_widths, self.num_classes), dtype=self.dtype)
         self.domain = MLPHead((*self.domain_widths, 1), dtype=self.dtype)
 

@@ -46,6 +46,8 @@ __all__ = [
     "conv2d",
     "conv_lowering",
     "max_pool",
+    "microbatched",
+    "resolve_microbatch",
     "resolve_impl",
     "winograd_matrices",
 ]
@@ -119,6 +121,56 @@ def conv_lowering(impl: str, kernel_shape: Sequence[int], strides: Sequence[int]
     if explicit == "winograd" and not eligible:
         return "im2col"
     return explicit
+
+
+# Rows per micro-batch that ``resolve_microbatch('auto')`` gives on CPU: the DANN step (256
+# images) runs 1.15-1.2x faster through the digit feature extractor in chunks of 32-64 than in one
+# pass, because each chunk's activations stay in cache between the layers.
+_CPU_MICROBATCH = 64
+
+
+def resolve_microbatch(microbatch: int | str) -> int:
+    """Rows per micro-batch of a feature extractor; 0 means one pass over the whole batch.
+
+    Args:
+      microbatch: a non-negative int (or its string, as ``--config.model.microbatch=32`` gives),
+        or ``'auto'``: ``_CPU_MICROBATCH`` on the CPU backend and 0 elsewhere (accelerators want
+        the largest matmuls).
+
+    Returns:
+      The number of rows per micro-batch.
+
+    Raises:
+      ValueError: for a negative int or an unknown string.
+    """
+    if microbatch == "auto":
+        return _CPU_MICROBATCH if jax.default_backend() == "cpu" else 0
+    try:
+        rows = int(microbatch)
+    except (TypeError, ValueError):
+        rows = -1
+    if rows < 0:
+        raise ValueError(f"microbatch must be 'auto' or an int >= 0, got {microbatch!r}.")
+    return rows
+
+
+def microbatched(fn: Callable[[Array], Array], x: Array, size: int) -> Array:
+    """``fn(x)`` for a per-example ``fn``, computed on chunks of ``size`` rows, concatenated.
+
+    The chunks are separate (unrolled) calls, so that XLA runs each through all of ``fn``'s
+    layers while its activations are in cache; the result equals ``fn(x)``.
+
+    Args:
+      fn: maps ``(B, ...)`` to ``(B, ...)``, each row depending on its own input row only.
+      x: the input batch.
+      size: rows per chunk; 0, or at least the batch size, means one call.
+
+    Returns:
+      ``fn(x)``.
+    """
+    if size <= 0 or x.shape[0] <= size:
+        return fn(x)
+    return jnp.concatenate([fn(x[i : i + size]) for i in range(0, x.shape[0], size)])
 
 
 # ----------------------------------------------------------------------------------------------
