@@ -19,6 +19,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,10 +40,19 @@ _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN r
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
 
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    """Measured fp32 matmul rate of the default device, GFLOP/s."""
-    a = jax.random.normal(jax.random.key(0), (n, n))
-    f = jax.jit(lambda a, b: a @ b)
+def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
+    """Measured matmul rate of the default device, GFLOP/s, fp32 accumulation and output.
+
+    Args:
+        n: square matrix size.
+        reps: timed repetitions (median).
+        dtype: operand dtype (bfloat16 runs on AMX/tensor cores where present).
+
+    Returns:
+        GFLOP/s.
+    """
+    a = jax.random.normal(jax.random.key(0), (n, n)).astype(dtype)
+    f = jax.jit(lambda a, b: jax.lax.dot(a, b, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     times = []
     for _ in range(reps):
@@ -133,9 +143,11 @@ def main(argv):
     retained = jax.default_backend() == "cpu" and host.retain_freed_memory()
     device = jax.devices()[0]
     mm = matmul_gflops()
+    mm_bf16 = matmul_gflops(dtype=jnp.bfloat16)
     print(
         f"\nDANN train step, {jax.device_count()} x {device.device_kind} "
-        f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s; "
+        f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s "
+        f"(bf16 operands, fp32 accumulation: {mm_bf16:.0f}); "
         f"glibc keeps freed memory (tljax/host.py, both frameworks): {retained}\n"
     )
     print(
