@@ -14,9 +14,11 @@ achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
 fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine.
 """
 
+import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import jax
@@ -39,6 +41,7 @@ _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs torch).")
 _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole runs (each framework).")
+_RUN_STEPS = flags.DEFINE_integer("run_steps", None, "Steps of the whole runs (default: config).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
 
 
@@ -118,6 +121,40 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{format(statistics.mean(values), fmt)} ± {format(statistics.stdev(values), fmt)}"
 
 
+def _isolated(fn, *args):
+    """``fn(*args)`` in a fresh process: each whole run gets the machine as a user's run would,
+    untouched by the other framework's thread pools and allocator state (PyTorch having run in
+    the same process slowed a later tljax run by ~20%)."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _tljax_run(seed: int, data_dir: str | None, steps: int) -> dict:
+    """One default configs/dann.py run; wall and compile seconds, final target accuracy."""
+    config = dann_config.get_config()
+    config.data.data_dir = data_dir
+    config.seed = seed
+    config.train.steps = steps
+    with tempfile.TemporaryDirectory() as workdir:
+        results = train.train_and_evaluate(config, workdir)
+    return dict(
+        wall=results["wall_time_s"],
+        compile=results["compile_time_s"],
+        acc=results["final"]["target_test/accuracy"],
+    )
+
+
+def _torch_run(seed: int, data_dir: str | None, steps: int, batch: int) -> dict:
+    """The PyTorch peer's run with the same steps and batch; wall seconds, target accuracy."""
+    import torch_dann
+
+    source, target, _, target_test = torch_dann.load_embedded_digits(data_dir)
+    out = torch_dann.train_dann(
+        source, target, target_test, steps=steps, batch_per_domain=batch, seed=seed
+    )
+    return dict(wall=out["wall_s"], acc=out["target_accuracy"])
+
+
 def full_runs() -> list[str]:
     """Wall time and target accuracy of default configs/dann.py runs, tljax vs PyTorch.
 
@@ -125,42 +162,20 @@ def full_runs() -> list[str]:
         Markdown table rows, mean ± std over --seeds (DANN's target accuracy varies by a few
         points with the seed, so parity is judged over several).
     """
-    import tempfile
-
     seeds = [int(s) for s in _SEEDS.value]
-    wall, compile_s, acc = [], [], []
-    for seed in seeds:
-        config = dann_config.get_config()
-        config.data.data_dir = _DATA_DIR.value
-        config.seed = seed
-        with tempfile.TemporaryDirectory() as workdir:
-            results = train.train_and_evaluate(config, workdir)
-        wall.append(results["wall_time_s"])
-        compile_s.append(results["compile_time_s"])
-        acc.append(results["final"]["target_test/accuracy"])
+    config = dann_config.get_config()
+    steps, batch = _RUN_STEPS.value or config.train.steps, config.train.batch_size
+    runs = [_isolated(_tljax_run, seed, _DATA_DIR.value, steps) for seed in seeds]
     rows = [
-        f"| tljax | {_mean_std(wall, '.1f')} s | {_mean_std(compile_s, '.1f')} s | "
-        f"{_mean_std(acc, '.3f')} | {len(seeds)} |"
+        f"| tljax | {_mean_std([r['wall'] for r in runs], '.1f')} s | "
+        f"{_mean_std([r['compile'] for r in runs], '.1f')} s | "
+        f"{_mean_std([r['acc'] for r in runs], '.3f')} | {len(seeds)} |"
     ]
     if _TORCH.value:
-        import torch_dann
-
-        source, target, _, target_test = torch_dann.load_embedded_digits(_DATA_DIR.value)
-        wall, acc = [], []
-        for seed in seeds:
-            out = torch_dann.train_dann(
-                source,
-                target,
-                target_test,
-                steps=config.train.steps,
-                batch_per_domain=config.train.batch_size,
-                seed=seed,
-            )
-            wall.append(out["wall_s"])
-            acc.append(out["target_accuracy"])
+        runs = [_isolated(_torch_run, seed, _DATA_DIR.value, steps, batch) for seed in seeds]
         rows.append(
-            f"| PyTorch 2.13 | {_mean_std(wall, '.1f')} s | - | {_mean_std(acc, '.3f')} "
-            f"| {len(seeds)} |"
+            f"| PyTorch 2.13 | {_mean_std([r['wall'] for r in runs], '.1f')} s | - | "
+            f"{_mean_std([r['acc'] for r in runs], '.3f')} | {len(seeds)} |"
         )
     return rows
 
