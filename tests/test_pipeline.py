@@ -50,3 +50,31 @@ def test_check_batch_size_names_the_field():
     mesh = parallel.make_data_mesh()
     with pytest.raises(ValueError, match=f"train.batch_size=6 .* \\({jax.device_count()} devices"):
         parallel.check_batch_size("train.batch_size", 6, mesh)
+
+
+def test_prefetch_thread_has_stopped_when_the_generator_closes():
+    # A producer still running at interpreter exit aborts the process; closing must wait for it.
+    import threading
+    import time
+
+    def slow_produce(step):
+        time.sleep(0.05)
+        return step
+
+    before = set(threading.enumerate())
+    batches = pipeline._prefetch(slow_produce, 3, 2)
+    assert [next(batches) for _ in range(3)] == [3, 4, 5]
+    batches.close()
+    assert not [t for t in threading.enumerate() if t not in before and t.is_alive()]
+
+
+def test_prefetch_reraises_producer_errors():
+    def failing(step):
+        if step == 1:
+            raise RuntimeError("shard 1 unreadable")
+        return step
+
+    batches = pipeline._prefetch(failing, 0, 2)
+    assert next(batches) == 0
+    with pytest.raises(RuntimeError, match="shard 1 unreadable"):
+        next(batches)

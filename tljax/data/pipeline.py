@@ -106,6 +106,9 @@ def train_batches(streams, seed: int, start_step: int, mesh, prefetch: int = 2) 
     return _prefetch(produce, start_step, prefetch)
 
 
+_JOIN_TIMEOUT_S = 30.0
+
+
 def _prefetch(produce, start_step: int, size: int) -> Iterator:
     # A daemon thread overlaps host-side gathering and transfer with device compute;
     # closing the generator stops it, so finished runs leave no thread behind.
@@ -129,7 +132,8 @@ def _prefetch(produce, start_step: int, size: int) -> Iterator:
         except Exception as error:  # noqa: BLE001 - re-raised in the consumer
             put(("error", error))
 
-    threading.Thread(target=worker, daemon=True).start()
+    thread = threading.Thread(target=worker, daemon=True)
+    thread.start()
     try:
         while True:
             kind, item = buffer.get()
@@ -138,6 +142,9 @@ def _prefetch(produce, start_step: int, size: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        # Wait for the batch in progress: a daemon thread killed inside a JAX/TF call at
+        # interpreter exit aborts the process (SIGABRT after the run's results were written).
+        thread.join(timeout=_JOIN_TIMEOUT_S)
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, mesh) -> Iterator[dict]:
