@@ -113,7 +113,11 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=int, default=28, help="input height = width")
     parser.add_argument("--iters", type=int, default=20, help="timed iterations (median)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--impls", default="xla,im2col", help="comma-separated conv impls")
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="comma-separated conv impls (default: xla,im2col; with --layers: im2col,winograd)",
+    )
     parser.add_argument("--matmul", type=int, default=1536, help="square matmul size (0: skip)")
     parser.add_argument("--input_grad", action="store_true", help="also differentiate the image")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
@@ -121,8 +125,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     host.retain_freed_memory()  # As in training (tljax/host.py).
     if args.layers:
-        impls = args.impls.split(",") if args.impls != "xla,im2col" else ["im2col", "winograd"]
-        _layer_table(impls, args.iters, args.warmup)
+        _layer_table((args.impls or "im2col,winograd").split(","), args.iters, args.warmup)
         return
 
     dtype = jnp.dtype(args.dtype)
@@ -153,7 +156,7 @@ def main(argv=None) -> None:
         rows.append((f"matmul {n}x{n}x{n} fp32", "", med, best, 2 * n**3))
 
     fns, flops = {}, {}
-    for impl in args.impls.split(","):
+    for impl in (args.impls or "xla,im2col").split(","):
         loss = lambda p, x, impl=impl: jnp.sum(_digit_features(p, x, impl).astype(jnp.float32))
         fns[(impl, "fwd")] = jax.jit(loss)
         fns[(impl, "fwd+bwd")] = jax.jit(jax.value_and_grad(loss, argnums=argnums))

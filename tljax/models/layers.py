@@ -528,12 +528,10 @@ def _conv_blocked_bwd(pads, res, dy):
     xp = _pad_spatial(x.astype(ct), pads)
     patches_t = _block_patches(xp, (kh, kw), blocks_hw, channel_major=True)
     dblock_kernel = patches_t @ dy_blocks.reshape(-1, _BLOCK * _BLOCK * cout)
-    _, kernel_vjp = jax.vjp(_block_kernel, kernel.astype(ct))
+    block_kernel, kernel_vjp = jax.vjp(_block_kernel, kernel.astype(ct))
     (dkernel,) = kernel_vjp(dblock_kernel)
     # The input gradient (pruned by XLA where unused, as for an image): col2im of the blocks.
-    dpatches = lax.dot_general(
-        dy_blocks, _block_kernel(kernel.astype(ct)), (((3,), (1,)), ((), ()))
-    )
+    dpatches = lax.dot_general(dy_blocks, block_kernel, (((3,), (1,)), ((), ())))
     (dxp,) = jax.linear_transpose(lambda z: _block_patches(z, (kh, kw), blocks_hw), xp)(dpatches)
     h, w = x.shape[1:3]
     dx = dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
@@ -683,7 +681,9 @@ def conv2d(
         return _conv_1x1(x, kernel, strides, pads)
     if lowering == "winograd":
         return _conv_winograd(x, kernel, pads)
-    out_hw = tuple(_out_size(x.shape[i + 1], kernel.shape[i], 1, pads[i]) for i in range(2))
+    out_hw = tuple(
+        _out_size(x.shape[i + 1], kernel.shape[i], strides[i], pads[i]) for i in range(2)
+    )
     if _uses_output_blocks(kernel.shape, strides, out_hw):
         return _conv_blocked(x, kernel, pads)
     return _conv_im2col(x, kernel, strides, pads)
