@@ -48,6 +48,8 @@ def _digit_features(params, x, impl):
 _LAYERS = (
     ("digit conv1 5x5x3->32", (256, 28, 28, 3), 5, 32, "VALID"),
     ("digit conv2 5x5x32->48", (256, 12, 12, 32), 5, 48, "VALID"),
+    ("ConvNet8 conv2 3x3x32->32 (28x28)", (128, 28, 28, 32), 3, 32, "SAME"),
+    ("ConvNet8 conv4 3x3x64->64 (14x14)", (128, 14, 14, 64), 3, 64, "SAME"),
     ("ResNet 3x3x64->64 (56x56)", (32, 56, 56, 64), 3, 64, "SAME"),
     ("ResNet 3x3x128->128 (28x28)", (32, 28, 28, 128), 3, 128, "SAME"),
     ("ResNet 3x3x256->256 (14x14)", (32, 14, 14, 256), 3, 256, "SAME"),

@@ -184,7 +184,8 @@ def test_winograd_matrices_reject_too_large_tiles():
     [
         ("auto", (5, 5, 3, 32), (1, 1), "im2col"),  # digit conv 1: short patch
         ("auto", (5, 5, 32, 48), (1, 1), "winograd"),  # digit conv 2
-        ("auto", (3, 3, 64, 64), (1, 1), "im2col"),
+        ("auto", (3, 3, 16, 16), (1, 1), "im2col"),  # short patch
+        ("auto", (3, 3, 64, 64), (1, 1), "winograd"),
         ("auto", (3, 3, 256, 256), (1, 1), "winograd"),
         ("auto", (3, 3, 256, 256), (2, 2), "im2col"),  # strided
         ("auto", (7, 7, 64, 64), (1, 1), "im2col"),  # no F(4, 7)
