@@ -4,6 +4,7 @@ import dataclasses
 import glob
 import json
 import os
+import time
 
 import chex
 import jax
@@ -107,6 +108,25 @@ def test_train_step_is_traced_and_compiled_once_per_run(tiny_dann_config, tmp_pa
     results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
     assert len(traces) == 1
     assert results["compile_time_s"] > 0
+
+
+def test_results_split_wall_time_by_phase(tiny_dann_config, tmp_path, monkeypatch):
+    evaluate = train.evaluate
+
+    def slow_evaluate(*args, **kwargs):
+        time.sleep(0.25)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", slow_evaluate)
+    results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
+    timing = results["timing_s"]
+    assert set(timing) == {"setup", "compile", "train", "eval", "checkpoint"}
+    assert all(seconds >= 0 for seconds in timing.values())
+    # Two evaluations (steps 3 and 6) of 0.25 s each are counted as eval, not as training.
+    assert timing["eval"] >= 0.5
+    assert timing["train"] < results["wall_time_s"] - 0.5
+    assert timing["compile"] == pytest.approx(results["compile_time_s"], abs=0.05)
+    assert sum(timing.values()) <= results["wall_time_s"]
 
 
 def test_method_value_and_grad_replaces_autodiff(tiny_dann_config, tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ Every method reuses `train_and_evaluate` unchanged; a method only supplies its
 params, loss, eval and batch layout (`tljax.methods.Method`).
 """
 
+import collections
+import contextlib
 import json
 import math
 import os
@@ -254,6 +256,38 @@ class MetricBuffer:
         return {f"train/{key}": float(np.mean(value)) for key, value in stacked.items()}
 
 
+class PhaseTimer:
+    """Wall seconds of a run by phase (setup, compile, train, eval, checkpoint).
+
+    The train step is dispatched asynchronously, so a phase that follows training first waits
+    for the state it is given: the steps' compute is counted as training, not as the eval or
+    checkpoint that happens to block on it.
+    """
+
+    def __init__(self):
+        self.seconds: collections.Counter[str] = collections.Counter()
+
+    @contextlib.contextmanager
+    def phase(self, name: str, wait_for: Any = None):
+        """Counts the wall time of the ``with`` body towards ``name``.
+
+        Args:
+          name: the phase.
+          wait_for: arrays (any pytree) whose pending computation belongs to the time before
+            this phase; waited for before the clock starts.
+
+        Yields:
+          Nothing.
+        """
+        if wait_for is not None:
+            jax.block_until_ready(wait_for)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+
 # ------------------------------------------------------------------- loop ----
 
 
@@ -266,13 +300,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       devices: devices of the data mesh; default all devices of all processes.
 
     Returns:
-      The results dict also written to `<workdir>/results.json`.
+      The results dict also written to `<workdir>/results.json`. Its `timing_s` splits
+      `wall_time_s` into setup (data, init, restore), compile, train (the steps and the input
+      pipeline), eval and checkpoint seconds.
 
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint stays).
       ValueError: a config value that cannot work (e.g. batch size vs devices).
     """
-    start_time = time.time()
+    start_time = time.perf_counter()
+    timer = PhaseTimer()
     mesh = parallel.make_data_mesh(devices)
     if mesh.devices.flat[0].platform == "cpu":
         host.retain_freed_memory()
@@ -316,13 +353,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     train_step, compile_s = None, 0.0
     train_metrics, eval_metrics, history = {}, {}, []
     last_saved = first_step if first_step else None
+    loop_start = time.perf_counter()
     try:
         for step in range(first_step, num_steps):
             batch = next(batches)
             if train_step is None:
-                train_step, compile_s = compile_train_step(
-                    make_train_step(method, optimizer, schedule, plan), state, batch, mesh
-                )
+                with timer.phase("compile"):
+                    train_step, compile_s = compile_train_step(
+                        make_train_step(method, optimizer, schedule, plan), state, batch, mesh
+                    )
                 logging.info("Compiled the train step in %.1f s.", compile_s)
             state, metrics = train_step(state, batch)
             buffer.add(step, metrics)
@@ -333,21 +372,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                 train_metrics = _flush(buffer, manager, last_saved)
                 writer.write_scalars(done, train_metrics)
             if done % config.eval.every == 0 or is_last:
-                eval_metrics = run_eval(state["params"])
+                with timer.phase("eval", wait_for=state):
+                    eval_metrics = run_eval(state["params"])
                 writer.write_scalars(done, eval_metrics)
                 history.append({"step": done, **eval_metrics})
             if done % config.checkpoint.every == 0 or is_last:
                 train_metrics |= _flush(buffer, manager, last_saved)
-                _check_finite_params(state["params"], done, manager, last_saved)
-                manager.save(done, args=ocp.args.StandardSave(state))
+                with timer.phase("checkpoint", wait_for=state):
+                    _check_finite_params(state["params"], done, manager, last_saved)
+                    manager.save(done, args=ocp.args.StandardSave(state))
                 last_saved = done
+        jax.block_until_ready(state)
     finally:
+        train_s = time.perf_counter() - loop_start - sum(timer.seconds.values())
         batches.close()
-        manager.wait_until_finished()
+        with timer.phase("checkpoint"):
+            manager.wait_until_finished()
         writer.flush()
 
     if first_step >= num_steps:
-        eval_metrics = run_eval(state["params"])
+        with timer.phase("eval"):
+            eval_metrics = run_eval(state["params"])
+    wall_s = time.perf_counter() - start_time
+    timing = {"setup": loop_start - start_time, "train": train_s}
+    timing |= {name: timer.seconds[name] for name in ("compile", "eval", "checkpoint")}
+    logging.info("Wall time %.1f s: %s.", wall_s, _format_timing(timing))
     results = {
         "final": {**train_metrics, **eval_metrics},
         "history": history,
@@ -360,7 +409,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         "compile_time_s": compile_s,
         "num_params": ptree.count(state["params"]),
         "num_frozen_params": ptree.count(state["params"], plan.frozen),
-        "wall_time_s": time.time() - start_time,
+        "wall_time_s": wall_s,
+        "timing_s": timing,
         "config": config.to_dict(),
     }
     if is_lead:
@@ -368,6 +418,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             json.dump(results, f, indent=2, default=str)
     logging.info("Final metrics: %s", results["final"])
     return results
+
+
+def _format_timing(timing: dict[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timing.items())
 
 
 def _flush(buffer: MetricBuffer, manager, last_saved) -> dict[str, float]:
