@@ -125,10 +125,10 @@ def conv_lowering(impl: str, kernel_shape: Sequence[int], strides: Sequence[int]
 
 
 # Rows per micro-batch that ``resolve_microbatch('auto')`` gives on CPU: the DANN step runs
-# 1.15-1.2x faster through the digit feature extractor in chunks of 32-64 than in one pass,
-# because each chunk's activations stay in cache between the layers; 32 is ~7% faster than 64
-# at the default 64+64 batch and even at 128+128.
-_CPU_MICROBATCH = 32
+# 1.15-1.2x faster through the digit feature extractor in chunks of 16-64 than in one pass,
+# because each chunk's activations stay in cache between the layers. With the Kronecker-form
+# Winograd, 16 is 3-5% faster than 32 at 64+64 and 128+128, and 8 is 15% slower.
+_CPU_MICROBATCH = 16
 
 
 def resolve_microbatch(microbatch: int | str) -> int:
