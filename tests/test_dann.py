@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from tljax import optim
-from tljax.methods import dann
+from tljax.methods import dann, image_model_fns
 from tljax.models.digits import DANNDigitNet
 from tljax.models.grl import gradient_reversal
 
@@ -79,3 +79,22 @@ def test_domain_head_gradient_reverses_into_features(tiny_dann_config):
     assert not np.allclose(
         grads["feature"]["conv_0"]["kernel"], grads_no_domain["feature"]["conv_0"]["kernel"]
     )
+
+
+def test_eval_counts_correct_predictions_of_the_trained_network(tiny_dann_config):
+    """eval_fn (one pass, no micro-batches) scores exactly the network that training applies."""
+    tiny_dann_config.model.microbatch = "4"
+    method = dann.build(tiny_dann_config)
+    params = method.init_params(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 255, (10, 28, 28, 3), dtype=np.uint8)
+    model = dann.make_model(tiny_dann_config)
+    preprocess, _ = image_model_fns(model, tiny_dann_config.model)
+    logits = model.apply({"params": params}, preprocess(images))[0]
+    labels = np.array(logits.argmax(-1))
+    labels[:3] = (labels[:3] + 1) % 10  # Three wrong labels.
+    sums = method.eval_fn(
+        params, {"image": images, "label": labels, "mask": np.ones(10, np.float32)}
+    )
+    assert int(sums["count"]) == 10
+    assert int(sums["accuracy"]) == 7  # A count; the trainer divides by 'count'.

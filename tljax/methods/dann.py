@@ -56,8 +56,13 @@ def build(config: ml_collections.ConfigDict) -> Method:
     total_steps = config.train.steps
     preprocess, init_params = image_model_fns(model, config.model)
 
-    def apply(params, *args, method):
-        return model.apply({"params": params}, *args, method=method)
+    # Micro-batches pay off under differentiation only (a chunk's activations stay in cache
+    # from its forward to its backward pass); evaluation runs XLA's fused inference ops in one
+    # pass, which is faster and compiles 5x faster than the chunks of a 500-image batch.
+    eval_model = model.clone(microbatch=0)
+
+    def apply(params, *args, method, net=model):
+        return net.apply({"params": params}, *args, method=method)
 
     def loss_fn(params, batch, rng, step):
         del rng  # The network is deterministic (no dropout), as in the paper.
@@ -92,9 +97,8 @@ def build(config: ml_collections.ConfigDict) -> Method:
         return loss, metrics
 
     def eval_fn(params, batch):
-        logits = apply(
-            params, apply(params, preprocess(batch["image"]), method="features"), method="classify"
-        )
+        features = apply(params, preprocess(batch["image"]), method="features", net=eval_model)
+        logits = apply(params, features, method="classify", net=eval_model)
         return classification_sums(logits, batch["label"], batch["mask"])
 
     load = lambda name, split: data.load_split(name, split, config.data.data_dir)
