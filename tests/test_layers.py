@@ -414,6 +414,17 @@ def test_microbatched_equals_one_pass():
         np.testing.assert_array_equal(layers.microbatched(fn, x, size), expected)
 
 
+def test_microbatched_makes_at_most_max_chunks():
+    calls = []
+    fn = lambda x: calls.append(x.shape[0]) or 2 * x
+    x = jnp.arange(100.0).reshape(100, 1)
+    np.testing.assert_array_equal(layers.microbatched(fn, x, 4), 2 * x)
+    assert len(calls) == layers._MAX_MICROBATCHES and sum(calls) == 100
+    calls.clear()
+    layers.microbatched(fn, x, 25)
+    assert calls == [25, 25, 25, 25]
+
+
 def test_microbatched_gradients_equal_one_pass():
     x = _normal((7, 6, 6, 3), 0)
     kernel = _normal((3, 3, 3, 4), 1)
