@@ -5,6 +5,7 @@ import glob
 import json
 import os
 import time
+import types
 
 import chex
 import jax
@@ -158,3 +159,26 @@ def test_method_value_and_grad_replaces_autodiff(tiny_dann_config, tmp_path, mon
     full_step = jax.tree.map(np.subtract, _final_params(baseline), start)
     half_step = jax.tree.map(np.subtract, _final_params(str(tmp_path / "halved")), start)
     chex.assert_trees_all_close(half_step, jax.tree.map(lambda d: 0.5 * d, full_step), atol=1e-6)
+
+
+def test_one_off_programs_compile_faster_with_bit_identical_results(tiny_dann_config, monkeypatch):
+    mesh = train.parallel.make_data_mesh()
+    assert train.one_off_compiler_options(mesh) == {"xla_backend_optimization_level": 1}
+    method = train.methods.build(tiny_dann_config)
+    optimizer = train.optim.make_optimizer(tiny_dann_config.optimizer, lambda _: 0.01)
+    eval_sets = {"target_test": method.eval_sets["target_test"]}
+
+    def init_and_eval():
+        state = train.create_train_state(method, optimizer, 3, mesh)
+        eval_step = jax.jit(method.eval_fn, compiler_options=train.one_off_compiler_options(mesh))
+        return state, train.evaluate(eval_step, state["params"], eval_sets, 200, mesh)
+
+    lowered = init_and_eval()
+    monkeypatch.setattr(train, "one_off_compiler_options", lambda mesh: {})
+    default = init_and_eval()
+    chex.assert_trees_all_equal(jax.device_get(lowered), jax.device_get(default))
+
+
+def test_one_off_compiler_options_leave_accelerators_alone():
+    gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
+    assert train.one_off_compiler_options(gpu_mesh) == {}
