@@ -4,6 +4,7 @@
   python benchmarks/speed_dann.py                  # step table (a few minutes)
   python benchmarks/speed_dann.py --full_run       # + whole 3000-step runs, tljax vs PyTorch
   python benchmarks/speed_dann.py --steps=5 --batches=64 --impls=auto --full_run --seeds=0,1,2
+  python benchmarks/speed_dann.py --impls=auto --conv_operands=float32,bfloat16   # bf16 option
 
 Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
 CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
@@ -14,6 +15,7 @@ achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
 fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine.
 """
 
+import itertools
 import multiprocessing
 import os
 import statistics
@@ -36,6 +38,9 @@ from tljax.data import pipeline  # noqa: E402
 _BATCHES = flags.DEFINE_list("batches", ["128", "64"], "Images per domain per step.")
 _IMPLS = flags.DEFINE_list(
     "impls", ["xla", "im2col", "winograd", "auto"], "Conv lowerings (xla first: FLOPs)."
+)
+_OPERANDS = flags.DEFINE_list(
+    "conv_operands", ["float32"], "Conv matmul operand dtypes (model.conv_operands) to time."
 )
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs torch).")
@@ -67,10 +72,11 @@ def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def dann_setup(impl: str, batch: int):
-    """Config, method, optimizer and mesh of configs/dann.py with `impl` and `batch`."""
+def dann_setup(impl: str, batch: int, operands: str = "float32"):
+    """Config, method, optimizer and mesh of configs/dann.py with `impl`, `batch`, `operands`."""
     config = dann_config.get_config()
     config.model.conv_impl = impl
+    config.model.conv_operands = operands
     config.train.batch_size = batch
     config.data.data_dir = _DATA_DIR.value
     mesh = parallel.make_data_mesh()
@@ -81,17 +87,18 @@ def dann_setup(impl: str, batch: int):
     return config, method, optimizer, step_fn, mesh
 
 
-def time_tljax(impl: str, batch: int) -> dict:
+def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
     """ms/step of the compiled DANN step, fixed batch and real pipeline.
 
     Args:
-        impl: conv lowering ('xla' or 'im2col').
+        impl: conv lowering (a key of layers.CONV_IMPLS).
         batch: images per domain.
+        operands: conv matmul operand dtype (model.conv_operands).
 
     Returns:
         Dict with ms_fixed, ms_pipeline, gflop (XLA's count for this lowering), compile_s.
     """
-    config, method, optimizer, step_fn, mesh = dann_setup(impl, batch)
+    config, method, optimizer, step_fn, mesh = dann_setup(impl, batch, operands)
     state = train.create_train_state(method, optimizer, 0, mesh)
     batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
     fixed = next(batches)
@@ -125,6 +132,10 @@ def standard_gflop(batch: int) -> float:
     return compiled.cost_analysis()["flops"] / 1e9
 
 
+def _tljax_label(label: str, operands: str) -> str:
+    return label if operands == "float32" else f"{label}, {operands} conv operands"
+
+
 def _mean_std(values: list[float], fmt: str) -> str:
     if len(values) == 1:
         return format(values[0], fmt)
@@ -139,9 +150,10 @@ def _isolated(fn, *args):
         return pool.apply(fn, args)
 
 
-def _tljax_run(seed: int, data_dir: str | None, steps: int) -> dict:
+def _tljax_run(seed: int, data_dir: str | None, steps: int, operands: str) -> dict:
     """One default configs/dann.py run: its wall seconds by phase and final target accuracy."""
     config = dann_config.get_config()
+    config.model.conv_operands = operands
     config.data.data_dir = data_dir
     config.seed = seed
     config.train.steps = steps
@@ -194,7 +206,10 @@ def full_runs() -> list[str]:
         acc = _mean_std([r["acc"] for r in runs], ".3f")
         return f"| {label} | {' | '.join(cells)} | {acc} | {len(runs)} |"
 
-    rows = [row("tljax", [_isolated(_tljax_run, seed, _DATA_DIR.value, steps) for seed in seeds])]
+    rows = []
+    for operands in _OPERANDS.value:
+        runs = [_isolated(_tljax_run, seed, _DATA_DIR.value, steps, operands) for seed in seeds]
+        rows.append(row(_tljax_label("tljax", operands), runs))
     if _TORCH.value:
         for retain, label in ((False, "glibc defaults"), (True, "allocator as tljax")):
             runs = [
@@ -231,13 +246,14 @@ def main(argv):
             import torch_dann
 
             torch_ms = torch_dann.time_train_step(batch, iters=_STEPS.value)["ms_per_step"]
-        for impl in _IMPLS.value:
-            r = time_tljax(impl, batch)
+        for impl, operands in itertools.product(_IMPLS.value, _OPERANDS.value):
+            r = time_tljax(impl, batch, operands)
             model_gflop = model_gflop or (r["gflop"] if impl == "xla" else None)
             rate = (model_gflop or float("nan")) / r["ms_fixed"] * 1e3
             ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
             print(
-                f"| {batch}+{batch} | tljax {impl} | {r['ms_fixed']:.1f} | "
+                f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands)} "
+                f"| {r['ms_fixed']:.1f} | "
                 f"{2 * batch / r['ms_fixed'] * 1e3:.0f} | {r['ms_pipeline']:.1f} | {rate:.0f} "
                 f"| {100 * rate / mm:.0f}% | {r['compile_s']:.1f} | {ratio} |"
             )

@@ -98,3 +98,33 @@ def test_eval_counts_correct_predictions_of_the_trained_network(tiny_dann_config
     )
     assert int(sums["count"]) == 10
     assert int(sums["accuracy"]) == 7  # A count; the trainer divides by 'count'.
+
+
+def test_bfloat16_conv_operands_train_the_same_network_to_bf16_precision(tiny_dann_config):
+    """model.conv_operands=bfloat16 changes the convolutions' rounding, not the network."""
+    method = dann.build(tiny_dann_config)
+    params = method.init_params(jax.random.key(0))
+    rng = np.random.default_rng(0)
+    batch = {
+        "source_image": rng.integers(0, 255, (8, 28, 28, 3), dtype=np.uint8),
+        "source_label": rng.integers(0, 10, (8,)).astype(np.int32),
+        "target_image": rng.integers(0, 255, (8, 28, 28, 3), dtype=np.uint8),
+    }
+    tiny_dann_config.model.conv_operands = "bfloat16"
+    bf16_method = dann.build(tiny_dann_config)
+    grad_fn = jax.jit(jax.grad(method.loss_fn, has_aux=True), static_argnums=3)
+    bf16_grad_fn = jax.jit(jax.grad(bf16_method.loss_fn, has_aux=True), static_argnums=3)
+    grads, metrics = grad_fn(params, batch, None, 1)
+    bf16_grads, bf16_metrics = bf16_grad_fn(params, batch, None, 1)
+    for key in ("class_loss", "domain_loss"):
+        np.testing.assert_allclose(bf16_metrics[key], metrics[key], rtol=1e-2)
+    chex.assert_trees_all_close(bf16_grads, grads, rtol=5e-2, atol=5e-3)
+    kernel_grad = grads["feature"]["conv_0"]["kernel"]
+    assert not np.allclose(bf16_grads["feature"]["conv_0"]["kernel"], kernel_grad, rtol=1e-6)
+
+
+def test_unknown_conv_operands_fail_at_build(tiny_dann_config):
+    tiny_dann_config.model.conv_operands = "float16"
+    method = dann.build(tiny_dann_config)
+    with pytest.raises(ValueError, match="conv_operands='float16'"):
+        method.init_params(jax.random.key(0))

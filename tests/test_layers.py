@@ -245,6 +245,68 @@ def test_conv2d_bfloat16(case, impl):
     _assert_close(dk, dk_ref, rtol=3e-2)
 
 
+def _bf16_rounded(a):
+    return jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def _exact_conv(x, kernel, strides, padding):
+    strides = layers._pair(strides, "strides", (1, 1))
+    pads = layers._explicit_pads(padding, x.shape[1:3], kernel.shape[:2], strides)
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        strides,
+        pads,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+
+
+# Output blocks (digit conv1, padded blocks), plain and strided im2col, 1x1.
+BF16_OPERAND_CASES = [CONV_CASES[i] for i in (0, 11, 1, 2, 8)]
+
+
+@pytest.mark.parametrize("case", BF16_OPERAND_CASES, ids=_conv_case_id)
+@pytest.mark.parametrize("impl", ["im2col", "xla"])
+def test_conv2d_bfloat16_operands_equal_fp32_math_on_rounded_operands(case, impl):
+    x, kernel = _random_conv_inputs(case)
+    strides, padding = case[6:]
+    conv = functools.partial(layers.conv2d, strides=strides, padding=padding, impl=impl)
+    y, vjp = jax.vjp(lambda x, k: conv(x, k, operands="bfloat16"), x, kernel)
+    dy = _normal(y.shape, 7)
+    dx, dk = vjp(dy)
+    x_r, k_r, dy_r = _bf16_rounded(x), _bf16_rounded(kernel), _bf16_rounded(dy)
+    # Products of bf16 values are exact in fp32: only the summation order may differ.
+    y_ref = _exact_conv(x_r, k_r, strides, padding)
+    (dk_ref,) = jax.vjp(lambda k: _exact_conv(x_r, k, strides, padding), kernel)[1](dy_r)
+    (dx_ref,) = jax.vjp(lambda x: _exact_conv(x, k_r, strides, padding), x)[1](dy_r)
+    assert y.dtype == dx.dtype == dk.dtype == jnp.float32
+    _assert_close(y, y_ref, rtol=1e-5)
+    _assert_close(jax.jit(conv, static_argnames="operands")(x, kernel, operands="bfloat16"), y_ref)
+    # Autodiff of a bf16 convolution or matmul (XLA's, and 1x1 convs) rounds the gradients to
+    # bf16; the patch lowerings' own backward passes keep them in fp32.
+    grad_rtol = 1e-5 if impl == "im2col" and case[5] > 1 else 1e-2
+    _assert_close(dx, dx_ref, rtol=grad_rtol)
+    _assert_close(dk, dk_ref, rtol=grad_rtol)
+    assert not np.allclose(y, _exact_conv(x, kernel, strides, padding), rtol=1e-5, atol=0)
+
+
+def test_bfloat16_operand_rounding_matches_astype_and_keeps_nan():
+    x = jnp.concatenate(
+        [_normal((1000,), 3, scale=1e3), jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.0, -0.0])]
+    )
+    rounded = jax.jit(layers._round_operand, static_argnums=1)(x, jnp.bfloat16)
+    np.testing.assert_array_equal(
+        np.asarray(rounded.astype(jnp.float32)), np.asarray(x.astype(jnp.bfloat16), np.float32)
+    )
+
+
+def test_unknown_conv_operands_raise():
+    x, kernel = _random_conv_inputs(CONV_CASES[0])
+    with pytest.raises(ValueError, match=r"conv_operands='fp8'.*bfloat16.*float32"):
+        layers.conv2d(x, kernel, operands="fp8")
+
+
 # --------------------------------------------------------------------------------------------
 # Pooling
 

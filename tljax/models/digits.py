@@ -15,12 +15,14 @@ class DigitFeatures(nn.Module):
 
     Attributes:
       conv_impl: conv/pool lowering (see ``tljax.models.layers``).
+      conv_operands: the convolutions' matmul operand dtype (``layers.CONV_OPERANDS``).
       dtype: computation dtype.
       microbatch: rows per pass through the layers (``layers.resolve_microbatch``; ``'auto'``:
         cache-sized chunks on CPU, one pass elsewhere). Does not change the result.
     """
 
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
     microbatch: int | str = "auto"
 
@@ -32,6 +34,7 @@ class DigitFeatures(nn.Module):
                 (5, 5),
                 padding="VALID",
                 impl=self.conv_impl,
+                operands=self.conv_operands,
                 dtype=self.dtype,
                 name=f"conv_{i}",
             )
@@ -74,12 +77,16 @@ class DANNDigitNet(nn.Module):
     label_widths: tuple[int, ...] = (100, 100)
     domain_widths: tuple[int, ...] = (100,)
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
     microbatch: int | str = "auto"
 
     def setup(self):
         self.feature = DigitFeatures(
-            conv_impl=self.conv_impl, dtype=self.dtype, microbatch=self.microbatch
+            conv_impl=self.conv_impl,
+            conv_operands=self.conv_operands,
+            dtype=self.dtype,
+            microbatch=self.microbatch,
         )
         self.label = MLPHead((*self.label_widths, self.num_classes), dtype=self.dtype)
         self.domain = MLPHead((*self.domain_widths, 1), dtype=self.dtype)

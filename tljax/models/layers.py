@@ -256,16 +256,83 @@ def _flatten_batch(x: Array) -> tuple[Array, Callable[[Array], Array]]:
 # Convolution.
 
 
-def _conv_xla(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
-    return lax.conv_general_dilated(x, kernel, strides, pads, dimension_numbers=_DIMENSION_NUMBERS)
+# Matmul operand dtypes (``conv2d``'s ``operands``): None keeps the computation dtype.
+CONV_OPERANDS = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
-def _conv_1x1(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
+def operand_dtype(name: str) -> Any:
+    """The matmul operand dtype for a config's ``model.conv_operands`` name.
+
+    Args:
+      name: a key of ``CONV_OPERANDS``.
+
+    Returns:
+      None (operands in the computation dtype) or ``jnp.bfloat16``.
+
+    Raises:
+      ValueError: an unknown name.
+    """
+    if name not in CONV_OPERANDS:
+        raise ValueError(f"conv_operands={name!r}; choose one of {sorted(CONV_OPERANDS)}.")
+    return CONV_OPERANDS[name]
+
+
+def _round_operand(x: Array, operands) -> Array:
+    """``x.astype(operands)`` (round to nearest even) for the custom-gradient lowerings' matmuls;
+    not differentiable."""
+    if operands is None or x.dtype == operands:
+        return x
+    # Integer rounding instead of a convert op: XLA:CPU fuses it into the producing copy (the
+    # patch extraction), where a float convert runs as a slow separate pass.
+    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    rounded = bits + jnp.uint32(0x7FFF) + ((bits >> 16) & jnp.uint32(1))
+    rounded = jnp.where(jnp.isnan(x), bits | jnp.uint32(0x400000), rounded)  # NaN stays NaN.
+    return lax.bitcast_convert_type((rounded >> 16).astype(jnp.uint16), jnp.bfloat16)
+
+
+def _dot(a: Array, b: Array, dimension_numbers, operands) -> Array:
+    """``lax.dot_general`` on operands rounded to ``operands``, accumulated in fp32."""
+    if operands is None:
+        return lax.dot_general(a, b, dimension_numbers)
+    a, b = _round_operand(a, operands), _round_operand(b, operands)
+    return lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32)
+
+
+def _conv_xla(
+    x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, operands=None
+) -> Array:
+    if operands is None:
+        return lax.conv_general_dilated(
+            x, kernel, strides, pads, dimension_numbers=_DIMENSION_NUMBERS
+        )
+    y = lax.conv_general_dilated(
+        x.astype(operands),
+        kernel.astype(operands),
+        strides,
+        pads,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        preferred_element_type=jnp.float32,
+    )
+    return y.astype(x.dtype)
+
+
+def _conv_1x1(
+    x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, operands=None
+) -> Array:
     # A 1x1 convolution is a matmul over the (strided) pixels, and autodiff of a matmul gives
     # matmuls for both gradients. No chunking needed: there is no patch expansion.
     ct = _compute_dtype(x.dtype)
     xs = _pad_spatial(x, pads)[:, :: strides[0], :: strides[1], :]
-    y = lax.dot_general(xs.astype(ct), kernel[0, 0].astype(ct), (((3,), (0,)), ((), ())))
+    dimension_numbers = (((3,), (0,)), ((), ()))
+    if operands is None:
+        y = lax.dot_general(xs.astype(ct), kernel[0, 0].astype(ct), dimension_numbers)
+    else:
+        y = lax.dot_general(
+            xs.astype(operands),
+            kernel[0, 0].astype(operands),
+            dimension_numbers,
+            preferred_element_type=jnp.float32,
+        )
     return y.astype(x.dtype)
 
 
@@ -360,7 +427,7 @@ def _chunked_sum(fn: Callable[..., Array], arrays: tuple[Array, ...], chunk: int
 # buffers, not copying.
 
 
-def _conv_forward(x: Array, kernel: Array, strides, pads) -> Array:
+def _conv_forward(x: Array, kernel: Array, strides, pads, operands) -> Array:
     kh, kw, cin, cout = kernel.shape
     out_hw = (
         _out_size(x.shape[1], kh, strides[0], pads[0]),
@@ -371,7 +438,7 @@ def _conv_forward(x: Array, kernel: Array, strides, pads) -> Array:
 
     def chunk_out(xc):
         p = _patches(xc.astype(ct), kh, kw, strides, pads)
-        return lax.dot_general(p, km, (((3,), (0,)), ((), ())))
+        return _dot(p, km, (((3,), (0,)), ((), ())), operands)
 
     chunk = _batch_chunks(kernel.shape, out_hw, ct.itemsize, x.shape[0])
     # Cast after the scan: XLA fuses a cast inside the scan body into the update of the stacked
@@ -379,19 +446,19 @@ def _conv_forward(x: Array, kernel: Array, strides, pads) -> Array:
     return _chunked_map(chunk_out, (x,), chunk).astype(x.dtype)
 
 
-def _conv_kernel_grad(x: Array, dy: Array, kernel_shape, strides, pads) -> Array:
+def _conv_kernel_grad(x: Array, dy: Array, kernel_shape, strides, pads, operands) -> Array:
     kh, kw, _, cout = kernel_shape
     ct = _compute_dtype(x.dtype)
 
     def chunk_grad(xc, dyc):
         p = _patches_t(xc.astype(ct), kh, kw, strides, pads)
-        return lax.dot_general(p, dyc.reshape(-1, cout).astype(ct), (((1,), (0,)), ((), ())))
+        return _dot(p, dyc.reshape(-1, cout).astype(ct), (((1,), (0,)), ((), ())), operands)
 
     chunk = _batch_chunks(kernel_shape, dy.shape[1:3], ct.itemsize, x.shape[0])
     return _chunked_sum(chunk_grad, (x, dy), chunk).reshape(kernel_shape)
 
 
-def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
+def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, pads, operands) -> Array:
     kh, kw, cin, cout = kernel.shape
     ct = _compute_dtype(dy.dtype)
     km = kernel.reshape(kh * kw * cin, cout).astype(ct)
@@ -400,7 +467,7 @@ def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
         # col2im: the transpose of the patch extraction scatter-adds the kh*kw slices of the
         # patch gradient back (pads and adds that XLA fuses into one loop). This beats XLA's
         # transposed convolution, which is not one of the tiled (YNNPACK) kernels.
-        dp = lax.dot_general(dyc.astype(ct), km, (((3,), (1,)), ((), ())))
+        dp = _dot(dyc.astype(ct), km, (((3,), (1,)), ((), ())), operands)
         aval = jax.ShapeDtypeStruct((dyc.shape[0], *x_shape[1:]), ct)
         (dx,) = jax.linear_transpose(lambda z: _patches(z, kh, kw, strides, pads), aval)(dp)
         return dx
@@ -409,23 +476,24 @@ def _conv_input_grad(dy: Array, kernel: Array, x_shape, strides, pads) -> Array:
     return _chunked_map(chunk_grad, (dy,), chunk).astype(dy.dtype)  # See _conv_forward.
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv_im2col(x: Array, kernel: Array, strides: tuple[int, int], pads: Pads, operands) -> Array:
     # Not differentiated (inference): the native convolution, which XLA:CPU fuses together with
     # the surrounding bias/ReLU/pooling into one tiled YNNPACK kernel. Under differentiation the
     # output has to be materialised, and the kernel on its own is slower than the chunked im2col
     # matmul and page-faults far more memory (a quarter of the digit-net step).
-    return _conv_xla(x, kernel, strides, pads)
+    return _conv_xla(x, kernel, strides, pads, operands)
 
 
-def _conv_im2col_fwd(x, kernel, strides, pads):
-    return _conv_forward(x, kernel, strides, pads), (x, kernel)
+def _conv_im2col_fwd(x, kernel, strides, pads, operands):
+    return _conv_forward(x, kernel, strides, pads, operands), (x, kernel)
 
 
-def _conv_im2col_bwd(strides, pads, res, dy):
+def _conv_im2col_bwd(strides, pads, operands, res, dy):
     x, kernel = res
-    dkernel = _conv_kernel_grad(x, dy, kernel.shape, strides, pads).astype(kernel.dtype)
-    dx = _conv_input_grad(dy, kernel, x.shape, strides, pads)
+    dkernel = _conv_kernel_grad(x, dy, kernel.shape, strides, pads, operands)
+    dkernel = dkernel.astype(kernel.dtype)
+    dx = _conv_input_grad(dy, kernel, x.shape, strides, pads, operands)
     return dx, dkernel
 
 
@@ -503,10 +571,10 @@ def _to_blocks(dy: Array) -> Array:
     return dy.reshape(n, ho // s, wo // s, s * s * c)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_blocked(x: Array, kernel: Array, pads: Pads) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_blocked(x: Array, kernel: Array, pads: Pads, operands) -> Array:
     # Not differentiated: the native convolution (as for _conv_im2col).
-    return _conv_xla(x, kernel, (1, 1), pads)
+    return _conv_xla(x, kernel, (1, 1), pads, operands)
 
 
 def _block_patches(xp: Array, kernel_hw, blocks_hw, channel_major: bool = False) -> Array:
@@ -516,17 +584,17 @@ def _block_patches(xp: Array, kernel_hw, blocks_hw, channel_major: bool = False)
     return patches(image, ah, aw, (1, 1), ((0, 0), (0, 0)))
 
 
-def _conv_blocked_fwd(x, kernel, pads):
+def _conv_blocked_fwd(x, kernel, pads, operands):
     kh, kw = kernel.shape[:2]
     ct = _compute_dtype(x.dtype)
     xp = _pad_spatial(x.astype(ct), pads)
     blocks_hw = ((xp.shape[1] - kh + 1) // _BLOCK, (xp.shape[2] - kw + 1) // _BLOCK)
     patches = _block_patches(xp, (kh, kw), blocks_hw)
-    y = lax.dot_general(patches, _block_kernel(kernel.astype(ct)), (((3,), (0,)), ((), ())))
+    y = _dot(patches, _block_kernel(kernel.astype(ct)), (((3,), (0,)), ((), ())), operands)
     return _from_blocks(y).astype(x.dtype), (x, kernel)
 
 
-def _conv_blocked_bwd(pads, res, dy):
+def _conv_blocked_bwd(pads, operands, res, dy):
     x, kernel = res
     kh, kw, _, cout = kernel.shape
     ct = _compute_dtype(x.dtype)
@@ -534,11 +602,12 @@ def _conv_blocked_bwd(pads, res, dy):
     blocks_hw = dy_blocks.shape[1:3]
     xp = _pad_spatial(x.astype(ct), pads)
     patches_t = _block_patches(xp, (kh, kw), blocks_hw, channel_major=True)
-    dblock_kernel = patches_t @ dy_blocks.reshape(-1, _BLOCK * _BLOCK * cout)
+    dy_rows = dy_blocks.reshape(-1, _BLOCK * _BLOCK * cout)
+    dblock_kernel = _dot(patches_t, dy_rows, (((1,), (0,)), ((), ())), operands)
     block_kernel, kernel_vjp = jax.vjp(_block_kernel, kernel.astype(ct))
     (dkernel,) = kernel_vjp(dblock_kernel)
     # The input gradient (pruned by XLA where unused, as for an image): col2im of the blocks.
-    dpatches = lax.dot_general(dy_blocks, block_kernel, (((3,), (1,)), ((), ())))
+    dpatches = _dot(dy_blocks, block_kernel, (((3,), (1,)), ((), ())), operands).astype(ct)
     (dxp,) = jax.linear_transpose(lambda z: _block_patches(z, (kh, kw), blocks_hw), xp)(dpatches)
     h, w = x.shape[1:3]
     dx = dxp[:, pads[0][0] : pads[0][0] + h, pads[1][0] : pads[1][0] + w]
@@ -675,6 +744,7 @@ def conv2d(
     strides: int | Sequence[int] = (1, 1),
     padding: Padding = "SAME",
     impl: str = "auto",
+    operands: str = "float32",
 ) -> Array:
     """2-D convolution with a selectable lowering.
 
@@ -685,6 +755,11 @@ def conv2d(
       padding: ``'SAME'``, ``'VALID'``, an int, or a sequence of two ints or ``(lo, hi)`` pairs;
         same meaning as in ``flax.linen.Conv``.
       impl: one of ``CONV_IMPLS``; see ``resolve_impl``.
+      operands: a key of ``CONV_OPERANDS``: the dtype the matmul operands (patches, kernel,
+        output gradient) are rounded to, accumulated in fp32. ``'float32'`` keeps the
+        computation dtype (exact). ``'bfloat16'`` runs the matmuls on bf16 units (AMX,
+        tensor cores); Winograd keeps the computation dtype, since its transforms would
+        amplify the rounding.
 
     Returns:
       ``(N, Ho, Wo, Cout)`` output with the dtype ``lax.conv_general_dilated`` would return.
@@ -695,18 +770,19 @@ def conv2d(
     kh, kw = kernel.shape[:2]
     pads = _explicit_pads(padding, x.shape[1:3], (kh, kw), strides)
     lowering = conv_lowering(impl, kernel.shape, strides)
+    operands = operand_dtype(operands)
     if lowering == "xla":
-        return _conv_xla(x, kernel, strides, pads)
+        return _conv_xla(x, kernel, strides, pads, operands)
     if lowering == "1x1":
-        return _conv_1x1(x, kernel, strides, pads)
+        return _conv_1x1(x, kernel, strides, pads, operands)
     if lowering == "winograd":
         return _conv_winograd(x, kernel, pads)
     out_hw = tuple(
         _out_size(x.shape[i + 1], kernel.shape[i], strides[i], pads[i]) for i in range(2)
     )
     if _uses_output_blocks(kernel.shape, strides, out_hw):
-        return _conv_blocked(x, kernel, pads)
-    return _conv_im2col(x, kernel, strides, pads)
+        return _conv_blocked(x, kernel, pads, operands)
+    return _conv_im2col(x, kernel, strides, pads, operands)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -921,6 +997,7 @@ class Conv(nn.Module):
       padding: ``'SAME'``, ``'VALID'``, an int, or a sequence of ints / ``(lo, hi)`` pairs.
       use_bias: whether to add a bias.
       impl: one of ``CONV_IMPLS``.
+      operands: matmul operand dtype, a key of ``CONV_OPERANDS`` (see ``conv2d``).
       dtype: computation dtype (``None``: inferred from inputs and params, as in flax).
       param_dtype: parameter dtype.
       kernel_init: kernel initializer.
@@ -933,6 +1010,7 @@ class Conv(nn.Module):
     padding: Padding = "SAME"
     use_bias: bool = True
     impl: str = "auto"
+    operands: str = "float32"
     dtype: Any = None
     param_dtype: Any = jnp.float32
     kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
@@ -963,7 +1041,7 @@ class Conv(nn.Module):
             else None
         )
         inputs, kernel, bias = nn.dtypes.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
-        y = conv2d(inputs, kernel, self.strides, self.padding, self.impl)
+        y = conv2d(inputs, kernel, self.strides, self.padding, self.impl, self.operands)
         if bias is not None:
             y = y + bias
         return unflatten(y)
