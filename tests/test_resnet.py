@@ -159,6 +159,41 @@ def test_im2col_and_xla_lowerings_agree():
         _assert_close(_flat(im2col_grads)[path], xla_grad, rtol=2e-4)
 
 
+def _bf16_convolutions(jaxpr) -> int:
+    """Convolutions with bf16 operands in a jaxpr and its sub-jaxprs."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            count += eqn.invars[0].aval.dtype == jnp.bfloat16
+        for value in eqn.params.values():
+            if isinstance(value, jax.extend.core.ClosedJaxpr):
+                count += _bf16_convolutions(value.jaxpr)
+            elif isinstance(value, jax.extend.core.Jaxpr):
+                count += _bf16_convolutions(value)
+    return count
+
+
+def test_bfloat16_conv_operands_reach_every_convolution():
+    """conv_operands=bfloat16 rounds the operands of every conv (stem, blocks, shortcuts)."""
+    images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32))
+    base = resnet.resnet18(num_classes=10, width=8, conv_impl="xla")
+    params = _concrete(_param_shapes(base)["params"])
+    params = jax.tree.map(
+        lambda p: p * 0.3 if p.ndim == 1 else p * np.prod(p.shape[:-1]) ** -0.5, params
+    )
+    bf16_model = base.clone(conv_operands="bfloat16")
+    num_convs = sum(p.ndim == 4 for p in jax.tree.leaves(params))
+    assert num_convs == 20  # Stem, 16 block convs, 3 shortcut projections.
+    jaxpr = jax.make_jaxpr(bf16_model.apply)({"params": params}, images).jaxpr
+    assert _bf16_convolutions(jaxpr) == num_convs
+    assert _bf16_convolutions(jax.make_jaxpr(base.apply)({"params": params}, images).jaxpr) == 0
+    fp32 = jax.jit(base.apply)({"params": params}, images)
+    bf16 = jax.jit(bf16_model.apply)({"params": params}, images)
+    assert bf16.dtype == jnp.float32
+    _assert_close(bf16, fp32, rtol=5e-2)
+    assert not np.allclose(bf16, fp32, rtol=1e-5, atol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # Conversion of PyTorch checkpoints.
 
@@ -464,3 +499,15 @@ def test_linear_probe_from_torch_checkpoint(narrow_resnet18_state_dict, data_dir
     chex.assert_trees_all_equal(body, {k: v for k, v in tuned.items() if k != "head"})
     assert tuned["head"]["kernel"].shape == (64, 10)
     assert results["num_params"] - results["num_frozen_params"] == 64 * 10 + 10
+
+
+@pytest.mark.parametrize("name", ["digits", "convnet8", "resnet50"])
+def test_classifier_configs_pass_conv_operands_to_the_model(name):
+    from configs import pretrain
+    from tljax.methods import classifier
+
+    config = pretrain.get_config()
+    config.model.name = name
+    assert classifier.make_model(config).conv_operands == "float32"
+    config.model.conv_operands = "bfloat16"
+    assert classifier.make_model(config).conv_operands == "bfloat16"

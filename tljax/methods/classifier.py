@@ -36,6 +36,7 @@ def make_model(config: ml_collections.ConfigDict):
     common = dict(
         num_classes=config.model.num_classes,
         conv_impl=config.model.conv_impl,
+        conv_operands=config.model.get("conv_operands", "float32"),
         dtype=jnp.dtype(config.model.dtype),
     )
     if name == "digits":

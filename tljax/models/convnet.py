@@ -26,6 +26,7 @@ class ConvNet8(nn.Module):
       widths: channels of conv1..conv5.
       hidden: units of fc6 and fc7.
       conv_impl: conv/pool lowering (see ``tljax.models.layers``).
+      conv_operands: the convolutions' matmul operand dtype (``layers.CONV_OPERANDS``).
       dtype: compute dtype (params stay float32).
     """
 
@@ -33,11 +34,19 @@ class ConvNet8(nn.Module):
     widths: tuple[int, int, int, int, int] = (32, 32, 64, 64, 64)
     hidden: int = 256
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def setup(self):
         self.convs = [
-            layers.Conv(width, (3, 3), impl=self.conv_impl, dtype=self.dtype, name=f"conv{i}")
+            layers.Conv(
+                width,
+                (3, 3),
+                impl=self.conv_impl,
+                operands=self.conv_operands,
+                dtype=self.dtype,
+                name=f"conv{i}",
+            )
             for i, width in enumerate(self.widths, start=1)
         ]
         self.fc6 = nn.Dense(self.hidden, dtype=self.dtype)

@@ -128,10 +128,13 @@ class DigitClassifier(nn.Module):
     num_classes: int = 10
     label_widths: tuple[int, ...] = (100, 100)
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def setup(self):
-        self.feature = DigitFeatures(conv_impl=self.conv_impl, dtype=self.dtype)
+        self.feature = DigitFeatures(
+            conv_impl=self.conv_impl, conv_operands=self.conv_operands, dtype=self.dtype
+        )
         self.label = MLPHead((*self.label_widths, self.num_classes), dtype=self.dtype)
 
     def __call__(self, images: jax.Array) -> jax.Array:

@@ -119,6 +119,7 @@ class _ConvNormLayer(nn.Module):
       strides: stride of the module's spatial downsampling.
       norm: one of ``NORMS``.
       conv_impl: convolution and pooling lowering, one of ``layers.CONV_IMPLS``.
+      conv_operands: convolution matmul operand dtype, a key of ``layers.CONV_OPERANDS``.
       dtype: computation dtype (parameters stay float32).
     """
 
@@ -126,6 +127,7 @@ class _ConvNormLayer(nn.Module):
     strides: int = 1
     norm: str = "affine"
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def _conv(self, features: int, kernel: int, strides: int, name: str) -> layers.Conv:
@@ -139,6 +141,7 @@ class _ConvNormLayer(nn.Module):
             padding=kernel // 2,
             use_bias=False,
             impl=self.conv_impl,
+            operands=self.conv_operands,
             dtype=self.dtype,
             kernel_init=_CONV_INIT,
             name=name,
@@ -204,6 +207,7 @@ class ResidualBlock(_ConvNormLayer):
             strides=self.strides,
             norm=self.norm,
             conv_impl=self.conv_impl,
+            conv_operands=self.conv_operands,
             dtype=self.dtype,
             name="downsample",
         )(x)
@@ -283,6 +287,7 @@ class Stage(_ConvNormLayer):
                 strides=self.strides if index == 0 else 1,
                 norm=self.norm,
                 conv_impl=self.conv_impl,
+                conv_operands=self.conv_operands,
                 dtype=self.dtype,
                 name=f"block{index}",
             )(x)
@@ -301,6 +306,7 @@ class ResNet(nn.Module):
       norm: one of ``NORMS``: ``'affine'`` (frozen BatchNorm, for pretrained weights) or
         ``'group'`` (GroupNorm, for training from scratch).
       conv_impl: convolution and pooling lowering, one of ``layers.CONV_IMPLS``.
+      conv_operands: convolution matmul operand dtype, a key of ``layers.CONV_OPERANDS``.
       dtype: computation dtype (parameters stay float32; logits are returned in float32).
     """
 
@@ -310,10 +316,16 @@ class ResNet(nn.Module):
     width: int = 64
     norm: str = "affine"
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def setup(self):
-        layer_kwargs = {"norm": self.norm, "conv_impl": self.conv_impl, "dtype": self.dtype}
+        layer_kwargs = {
+            "norm": self.norm,
+            "conv_impl": self.conv_impl,
+            "conv_operands": self.conv_operands,
+            "dtype": self.dtype,
+        }
         self.stem = Stem(self.width, strides=2, **layer_kwargs)
         for index, num_blocks in enumerate(self.stage_sizes):
             # Assigned by name, not as a list, so that the params read stage1, stage2, ...
