@@ -56,16 +56,20 @@ def test_digit_net_shapes_and_param_tree():
     chex.assert_shape(params["domain"]["dense_1"]["kernel"], (100, 1))
 
 
+def _random_dann_batch(source_channels: int, size: int = 8) -> dict:
+    rng = np.random.default_rng(0)
+    return {
+        "source_image": rng.integers(0, 255, (size, 28, 28, source_channels), dtype=np.uint8),
+        "source_label": rng.integers(0, 10, (size,)).astype(np.int32),
+        "target_image": rng.integers(0, 255, (size, 28, 28, 3), dtype=np.uint8),
+    }
+
+
 def test_domain_head_gradient_reverses_into_features(tiny_dann_config):
     """The feature extractor gets -lambda times the domain loss gradient."""
     method = dann.build(tiny_dann_config)
     params = method.init_params(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "source_image": rng.integers(0, 255, (8, 28, 28, 1), dtype=np.uint8),
-        "source_label": rng.integers(0, 10, (8,)).astype(np.int32),
-        "target_image": rng.integers(0, 255, (8, 28, 28, 3), dtype=np.uint8),
-    }
+    batch = _random_dann_batch(source_channels=1)
     step = tiny_dann_config.train.steps // 2
     grads, metrics = jax.grad(method.loss_fn, has_aux=True)(params, batch, None, step)
     assert np.isfinite(metrics["domain_loss"])
@@ -104,12 +108,7 @@ def test_bfloat16_conv_operands_train_the_same_network_to_bf16_precision(tiny_da
     """model.conv_operands=bfloat16 changes the convolutions' rounding, not the network."""
     method = dann.build(tiny_dann_config)
     params = method.init_params(jax.random.key(0))
-    rng = np.random.default_rng(0)
-    batch = {
-        "source_image": rng.integers(0, 255, (8, 28, 28, 3), dtype=np.uint8),
-        "source_label": rng.integers(0, 10, (8,)).astype(np.int32),
-        "target_image": rng.integers(0, 255, (8, 28, 28, 3), dtype=np.uint8),
-    }
+    batch = _random_dann_batch(source_channels=3)
     tiny_dann_config.model.conv_operands = "bfloat16"
     bf16_method = dann.build(tiny_dann_config)
     grad_fn = jax.jit(jax.grad(method.loss_fn, has_aux=True), static_argnums=3)

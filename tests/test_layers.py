@@ -295,7 +295,7 @@ def test_bfloat16_operand_rounding_matches_astype_and_keeps_nan():
     x = jnp.concatenate(
         [_normal((1000,), 3, scale=1e3), jnp.array([jnp.nan, jnp.inf, -jnp.inf, 0.0, -0.0])]
     )
-    rounded = jax.jit(layers._round_operand, static_argnums=1)(x, jnp.bfloat16)
+    rounded = jax.jit(layers._round_to_bfloat16)(x)
     np.testing.assert_array_equal(
         np.asarray(rounded.astype(jnp.float32)), np.asarray(x.astype(jnp.bfloat16), np.float32)
     )

@@ -36,7 +36,7 @@ class NonFiniteLossError(FloatingPointError):
 
 # XLA:CPU's default LLVM optimisation level spends most of a run's setup compiling programs
 # that run once or a few times: init's threefry hashes took 1.5 s for the digit net and 5 s
-# for ResNet-50, against 0.5 s and 2.9 s at level 1, with bit-identical results
+# for ResNet-50, against 0.4-0.7 s and 2.9 s at level 1, with bit-identical results
 # (tests/test_train.py). The train step keeps the default: it runs thousands of times.
 _ONE_OFF_CPU_OPTIONS = {"xla_backend_optimization_level": 1}
 
@@ -377,6 +377,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         method.summarize_eval or methods.mean_over_count,
     )
 
+    all_finite = jax.jit(_all_finite, compiler_options=one_off_compiler_options(mesh))
     buffer = MetricBuffer()
     train_step, compile_s = None, 0.0
     train_metrics, eval_metrics, history = {}, {}, []
@@ -407,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             if done % config.checkpoint.every == 0 or is_last:
                 train_metrics |= _flush(buffer, manager, last_saved)
                 with timer.phase("checkpoint", wait_for=state):
-                    _check_finite_params(state["params"], done, manager, last_saved, mesh)
+                    _check_finite_params(all_finite, state["params"], done, manager, last_saved)
                     manager.save(done, args=ocp.args.StandardSave(state))
                 last_saved = done
         jax.block_until_ready(state)
@@ -470,10 +471,9 @@ def _all_finite(tree) -> jax.Array:
     return jnp.all(jnp.array([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
 
 
-def _check_finite_params(params, step: int, manager, last_saved, mesh) -> None:
+def _check_finite_params(all_finite, params, step: int, manager, last_saved) -> None:
     # A finite loss can still be followed by an update that overflows the params;
     # such a state must never replace the last good checkpoint.
-    all_finite = jax.jit(_all_finite, compiler_options=one_off_compiler_options(mesh))
     if not bool(all_finite(params)):
         raise NonFiniteLossError(
             f"Params became non-finite by step {step}; training stopped and the last good "

@@ -277,11 +277,9 @@ def operand_dtype(name: str) -> Any:
     return CONV_OPERANDS[name]
 
 
-def _round_operand(x: Array, operands) -> Array:
-    """``x.astype(operands)`` (round to nearest even) for the custom-gradient lowerings' matmuls;
-    not differentiable."""
-    if operands is None or x.dtype == operands:
-        return x
+def _round_to_bfloat16(x: Array) -> Array:
+    """``x.astype(jnp.bfloat16)`` (round to nearest even) for the custom-gradient lowerings'
+    matmuls; not differentiable."""
     # Integer rounding instead of a convert op: XLA:CPU fuses it into the producing copy (the
     # patch extraction), where a float convert runs as a slow separate pass.
     bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
@@ -294,7 +292,8 @@ def _dot(a: Array, b: Array, dimension_numbers, operands) -> Array:
     """``lax.dot_general`` on operands rounded to ``operands``, accumulated in fp32."""
     if operands is None:
         return lax.dot_general(a, b, dimension_numbers)
-    a, b = _round_operand(a, operands), _round_operand(b, operands)
+    # bfloat16 is the one reduced operand dtype (CONV_OPERANDS).
+    a, b = _round_to_bfloat16(a), _round_to_bfloat16(b)
     return lax.dot_general(a, b, dimension_numbers, preferred_element_type=jnp.float32)
 
 
