@@ -106,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             channels=3,
             label_widths=(100, 100),
             conv_impl="auto",
+            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (README "Speed").
+            conv_operands="float32",
             dtype="float32",
         )
     )

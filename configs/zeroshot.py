@@ -53,8 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     # Digits: the DANN conv features + a 100-unit hidden layer; features: a linear head.
+    # conv_operands='bfloat16': bf16 conv matmul operands, fp32 accumulation (README "Speed").
     config.model = ml_collections.ConfigDict(
-        dict(hidden=(100,) if on_digits else (), conv_impl="auto", dtype="float32")
+        dict(
+            hidden=(100,) if on_digits else (),
+            conv_impl="auto",
+            conv_operands="float32",
+            dtype="float32",
+        )
     )
     config.zeroshot = ml_collections.ConfigDict(
         dict(

@@ -6,6 +6,7 @@ import sys
 # Must happen before JAX starts its backend: every test process sees 4 CPU devices,
 # so sharded code paths run for real; single-device tests select one of them.
 import jax
+import jax.extend
 
 jax.config.update("jax_num_cpu_devices", 4)
 # Many tests compile the same programs (init, train step); reuse them across tests
@@ -60,3 +61,17 @@ def tiny_dann_config(data_dir):
     from configs import dann
 
     return shrink(dann.get_config(), data_dir, steps=6, eval_every=3, eval_batch_size=200)
+
+
+def conv_operand_dtypes(jaxpr) -> list:
+    """The input dtype of every convolution in a jaxpr and its sub-jaxprs."""
+    dtypes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            dtypes.append(eqn.invars[0].aval.dtype)
+        for value in eqn.params.values():
+            if isinstance(value, jax.extend.core.ClosedJaxpr):
+                dtypes += conv_operand_dtypes(value.jaxpr)
+            elif isinstance(value, jax.extend.core.Jaxpr):
+                dtypes += conv_operand_dtypes(value)
+    return dtypes

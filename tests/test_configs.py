@@ -7,9 +7,14 @@ import os
 import subprocess
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from conftest import conv_operand_dtypes, shrink
 
+from tljax import methods
 from tljax.config_utils import parse_arg
+from tljax.data.pipeline import host_batch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(
@@ -84,3 +89,49 @@ def test_launch_rejects_unknown_config_field(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "stesp" in proc.stderr
+
+
+# Every config variant that trains a convnet on the embedded digits.
+CONVNET_VARIANTS = [
+    ("dann", None),
+    ("source_only", None),
+    ("target_only", None),
+    ("pretrain", None),
+    ("finetune", None),
+    ("layer_transfer", None),
+    ("multitask", None),
+    ("progressive", None),
+    ("self_taught", "stage=classify,features=scratch"),
+    ("zeroshot", None),
+]
+
+
+def test_convnet_variants_cover_every_config():
+    assert {name for name, _ in CONVNET_VARIANTS} == set(CONFIGS)
+
+
+@pytest.mark.parametrize("name, variant", CONVNET_VARIANTS)
+def test_model_conv_operands_reaches_every_convolution(name, variant, data_dir):
+    """--config.model.conv_operands=bfloat16 gives every conv of the method's loss bf16 operands."""
+    config = importlib.import_module(f"configs.{name}").get_config(variant)
+    config = shrink(config, data_dir, batch_size=8)
+    # 'xla' keeps one conv primitive per layer, whose operand dtype the jaxpr shows.
+    config.model.conv_impl = "xla"
+    config.model.conv_operands = "bfloat16"
+    method = methods.build(config)
+    params = method.init_params(jax.random.key(0))
+    batch = host_batch(method.train_streams, seed=0, step=0)
+    jaxpr = jax.make_jaxpr(method.loss_fn)(params, batch, jax.random.key(1), 0).jaxpr
+    dtypes = conv_operand_dtypes(jaxpr)
+    assert dtypes, f"configs/{name}.py: no convolution in the loss"
+    assert set(dtypes) == {jnp.dtype(jnp.bfloat16)}, dtypes
+
+
+@pytest.mark.parametrize("field, value", [("conv_impl", "cudnn"), ("conv_operands", "float16")])
+def test_unknown_conv_setting_fails_when_the_method_is_built(field, value, data_dir):
+    from configs import multitask
+
+    config = shrink(multitask.get_config(), data_dir)
+    config.model[field] = value
+    with pytest.raises(ValueError, match=f"{field}={value!r}"):
+        methods.build(config)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import shrink
+from conftest import conv_operand_dtypes, shrink
 
 from configs import progressive as progressive_config
 from tljax import params as ptree
@@ -81,6 +81,20 @@ def test_earlier_columns_receive_no_gradient():
     for column in ("column_0", "column_1"):
         assert all(not np.any(g) for g in jax.tree.leaves(grads[column]))
     assert np.any(grads["column_2"]["conv_0"]["kernel"])
+
+
+def test_bfloat16_conv_operands_reach_columns_and_lateral_adapters():
+    model, shapes = _init("progressive", classes=(2, 2, 2), conv_impl="xla")
+    bf16_model = model.clone(conv_operands="bfloat16")
+    # Columns' conv_0 and conv_1, and per (column, earlier column) pair three adapter convs: V
+    # (1x1) and U (5x5) into conv_1, V (1x1) on the feature map into dense_0.
+    num_convs = sum(len(s.shape) == 4 for s in jax.tree.leaves(shapes))
+    assert num_convs == 3 * 2 + 3 * 3
+    images = jnp.zeros((2, 28, 28, 3))
+    jaxpr = jax.make_jaxpr(bf16_model.apply)({"params": shapes}, images).jaxpr
+    assert conv_operand_dtypes(jaxpr) == [jnp.dtype(jnp.bfloat16)] * num_convs
+    jaxpr = jax.make_jaxpr(model.apply)({"params": shapes}, images).jaxpr
+    assert set(conv_operand_dtypes(jaxpr)) == {jnp.dtype(jnp.float32)}
 
 
 def _tiny(task, variant, root, data_dir):

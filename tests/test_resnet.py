@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import conv_operand_dtypes
 from flax import traverse_util
 
 from tljax.models import resnet, torch_convert
@@ -160,17 +161,7 @@ def test_im2col_and_xla_lowerings_agree():
 
 
 def _bf16_convolutions(jaxpr) -> int:
-    """Convolutions with bf16 operands in a jaxpr and its sub-jaxprs."""
-    count = 0
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            count += eqn.invars[0].aval.dtype == jnp.bfloat16
-        for value in eqn.params.values():
-            if isinstance(value, jax.extend.core.ClosedJaxpr):
-                count += _bf16_convolutions(value.jaxpr)
-            elif isinstance(value, jax.extend.core.Jaxpr):
-                count += _bf16_convolutions(value)
-    return count
+    return sum(dtype == jnp.bfloat16 for dtype in conv_operand_dtypes(jaxpr))
 
 
 def test_bfloat16_conv_operands_reach_every_convolution():

@@ -18,6 +18,7 @@ from tljax import data, regularizers
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, classification_sums, image_model_fns
+from tljax.models import layers
 from tljax.models.convnet import ConvNet8
 from tljax.models.digits import DigitClassifier
 from tljax.models.resnet import RESNETS
@@ -35,8 +36,7 @@ def make_model(config: ml_collections.ConfigDict):
     name = config.model.get("name", "digits")
     common = dict(
         num_classes=config.model.num_classes,
-        conv_impl=config.model.conv_impl,
-        conv_operands=config.model.get("conv_operands", "float32"),
+        **layers.conv_options(config.model),
         dtype=jnp.dtype(config.model.dtype),
     )
     if name == "digits":

@@ -15,6 +15,7 @@ import optax
 from tljax import data, optim
 from tljax.data.pipeline import Stream
 from tljax.methods import Method, classification_sums, image_model_fns
+from tljax.models import layers
 from tljax.models.digits import DANNDigitNet
 
 
@@ -35,8 +36,7 @@ def make_model(config: ml_collections.ConfigDict) -> DANNDigitNet:
     """The digit network described by `config.model`."""
     return DANNDigitNet(
         num_classes=config.model.num_classes,
-        conv_impl=config.model.conv_impl,
-        conv_operands=config.model.get("conv_operands", "float32"),
+        **layers.conv_options(config.model),
         dtype=jnp.dtype(config.model.dtype),
         microbatch=config.model.get("microbatch", "auto"),
     )

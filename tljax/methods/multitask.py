@@ -41,6 +41,7 @@ from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, task_classification_sums
+from tljax.models import layers
 from tljax.models.digits import DigitClassifier
 from tljax.models.multitask import SHARED, HardSharing, sequence_of, sharing_table
 
@@ -146,7 +147,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
         task: DigitClassifier(
             num_classes=num_classes[task],
             label_widths=tuple(config.model.label_widths),
-            conv_impl=config.model.conv_impl,
+            **layers.conv_options(config.model),
             dtype=compute_dtype,
         )
         for task in tasks

@@ -24,6 +24,7 @@ from tljax import data
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset
 from tljax.methods import Method, image_model_fns, task_classification_sums
+from tljax.models import layers
 from tljax.models.progressive import MODES, ProgressiveNet, param_growth_table
 
 TASK_FIELDS = {"dataset", "classes"}
@@ -76,7 +77,7 @@ def make_model(config: ml_collections.ConfigDict, task_classes: tuple[int, ...])
         dense_widths=tuple(config.model.dense_widths),
         reduction=config.progressive.adapter_reduction,
         alpha_init=config.progressive.get("adapter_alpha_init", 0.1),
-        conv_impl=config.model.conv_impl,
+        **layers.conv_options(config.model),
         dtype=jnp.dtype(config.model.dtype),
     )
 

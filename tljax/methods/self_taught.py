@@ -35,6 +35,7 @@ from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import per_class_subset
 from tljax.methods import Method
+from tljax.models import layers
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.self_taught import autoencoder, clustering, patches
 
@@ -100,12 +101,16 @@ class FewLabelClassifier(nn.Module):
     num_classes: int
     conv_features: bool
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if not self.conv_features:
             return MLPHead((self.num_classes,), name="head")(x)
-        x = DigitFeatures(conv_impl=self.conv_impl, name="feature")(x)
+        features = DigitFeatures(
+            conv_impl=self.conv_impl, conv_operands=self.conv_operands, name="feature"
+        )
+        x = features(x)
         return MLPHead((100, self.num_classes), name="head")(x)
 
 
@@ -207,7 +212,7 @@ def _classifier(config: ml_collections.ConfigDict) -> Method:
     labelled = {key: _digit_inputs(config, few["image"]), "label": few["label"]}
     test_set = {key: _digit_inputs(config, test["image"]), "label": test["label"]}
     num_classes = int(train["label"].max()) + 1
-    model = FewLabelClassifier(num_classes, key == "image", config.model.conv_impl)
+    model = FewLabelClassifier(num_classes, key == "image", **layers.conv_options(config.model))
 
     def preprocess(inputs):
         if key == "image":

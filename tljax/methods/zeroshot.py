@@ -36,6 +36,7 @@ import optax
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.methods import Method
+from tljax.models import layers
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.zeroshot import data as zsl_data
 from tljax.zeroshot import proposed_split, scoring
@@ -53,12 +54,18 @@ class ZeroShotNet(nn.Module):
     hidden: tuple[int, ...] = (100,)
     conv_features: bool = True
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.conv_features:
-            x = DigitFeatures(conv_impl=self.conv_impl, dtype=self.dtype, name="feature")(x)
+            x = DigitFeatures(
+                conv_impl=self.conv_impl,
+                conv_operands=self.conv_operands,
+                dtype=self.dtype,
+                name="feature",
+            )(x)
         head = MLPHead((*self.hidden, self.out_dim), dtype=self.dtype, name="head")
         return head(x).astype(jnp.float32)
 
@@ -132,7 +139,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
         out_dim=out_dim.get(kind, 1),
         hidden=tuple(config.model.hidden),
         conv_features=key == "image",
-        conv_impl=config.model.conv_impl,
+        **layers.conv_options(config.model),
         dtype=jnp.dtype(config.model.dtype),
     )
     example = zsd.train[key][:1]

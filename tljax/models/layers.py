@@ -45,6 +45,7 @@ __all__ = [
     "avg_pool",
     "conv2d",
     "conv_lowering",
+    "conv_options",
     "max_pool",
     "microbatched",
     "resolve_microbatch",
@@ -275,6 +276,32 @@ def operand_dtype(name: str) -> Any:
     if name not in CONV_OPERANDS:
         raise ValueError(f"conv_operands={name!r}; choose one of {sorted(CONV_OPERANDS)}.")
     return CONV_OPERANDS[name]
+
+
+def conv_options(model_config: Any) -> dict[str, str]:
+    """A conv model's ``conv_impl`` and ``conv_operands`` attributes, from a config's ``model``.
+
+    Every method builds its network through this, so both settings reach every model the same
+    way, and a wrong value fails when the method is built rather than at the first trace.
+
+    Args:
+      model_config: a config's ``model`` block (a ConfigDict or mapping); ``conv_impl`` is
+        required, ``conv_operands`` defaults to ``'float32'`` (configs saved before it existed).
+
+    Returns:
+      ``{'conv_impl': ..., 'conv_operands': ...}``, keyword arguments of the conv models.
+
+    Raises:
+      ValueError: an unknown ``conv_impl`` or ``conv_operands``.
+    """
+    options = {
+        "conv_impl": model_config["conv_impl"],
+        "conv_operands": model_config.get("conv_operands", "float32"),
+    }
+    if options["conv_impl"] not in CONV_IMPLS:
+        raise ValueError(f"model.conv_impl={options['conv_impl']!r}; choose one of {CONV_IMPLS}.")
+    operand_dtype(options["conv_operands"])
+    return options
 
 
 def _round_to_bfloat16(x: Array) -> Array:

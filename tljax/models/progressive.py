@@ -45,6 +45,7 @@ class Adapter(nn.Module):
       into_conv: whether the receiving layer is a convolution (U is then a 5x5 convolution);
         otherwise U is dense (and a feature map is flattened after V).
       alpha_init: alpha starts uniform in [0, alpha_init).
+      conv_impl, conv_operands, dtype: as for ``tljax.models.digits.DigitFeatures``.
     """
 
     features: int
@@ -52,7 +53,18 @@ class Adapter(nn.Module):
     into_conv: bool
     alpha_init: float = 0.1
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
+
+    def _conv(self, features: int, kernel: tuple[int, int], **kwargs) -> layers.Conv:
+        return layers.Conv(
+            features,
+            kernel,
+            impl=self.conv_impl,
+            operands=self.conv_operands,
+            dtype=self.dtype,
+            **kwargs,
+        )
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
@@ -61,23 +73,13 @@ class Adapter(nn.Module):
         alpha = self.param("alpha", nn.initializers.uniform(scale=self.alpha_init), (), jnp.float32)
         h = h * alpha.astype(h.dtype)
         if h.ndim == 4:
-            h = layers.Conv(self.reduced, (1, 1), impl=self.conv_impl, dtype=self.dtype, name="v")(
-                h
-            )
+            h = self._conv(self.reduced, (1, 1), name="v")(h)
         else:
             h = nn.Dense(self.reduced, dtype=self.dtype, name="v")(h)
         h = nn.relu(h)
         if self.into_conv:
             # No bias: the receiving layer W_i has one.
-            return layers.Conv(
-                self.features,
-                KERNEL,
-                padding="VALID",
-                use_bias=False,
-                impl=self.conv_impl,
-                dtype=self.dtype,
-                name="u",
-            )(h)
+            return self._conv(self.features, KERNEL, padding="VALID", use_bias=False, name="u")(h)
         return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="u")(
             h.reshape(h.shape[0], -1)
         )
@@ -92,6 +94,7 @@ class Column(nn.Module):
       dense_widths: widths of the dense-ReLU layers before the heads.
       reduction: V reduces its input width by this factor (at least one unit).
       alpha_init: adapters' alpha starts uniform in [0, alpha_init).
+      conv_impl, conv_operands, dtype: as for ``tljax.models.digits.DigitFeatures``.
     """
 
     heads: tuple[tuple[int, int], ...]
@@ -100,6 +103,7 @@ class Column(nn.Module):
     reduction: int = 4
     alpha_init: float = 0.1
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def _lateral(self, name: str, features: int, into_conv: bool, sources, index: int):
@@ -113,6 +117,7 @@ class Column(nn.Module):
                 into_conv,
                 self.alpha_init,
                 self.conv_impl,
+                self.conv_operands,
                 self.dtype,
                 name=f"lateral_{j}_{name}",
             )
@@ -136,7 +141,13 @@ class Column(nn.Module):
         for i, width in enumerate(self.conv_widths):
             name = f"conv_{i}"
             pre = layers.Conv(
-                width, KERNEL, padding="VALID", impl=self.conv_impl, dtype=self.dtype, name=name
+                width,
+                KERNEL,
+                padding="VALID",
+                impl=self.conv_impl,
+                operands=self.conv_operands,
+                dtype=self.dtype,
+                name=name,
             )(h)
             if i > 0:
                 pre = pre + self._lateral(name, width, True, earlier, i - 1)
@@ -165,6 +176,8 @@ class ProgressiveNet(nn.Module):
     Attributes:
       task_classes: classes of each task so far, in order; the last one is trained now.
       mode: 'progressive', 'independent' or 'finetune'.
+      conv_widths, dense_widths, reduction, alpha_init, conv_impl, conv_operands, dtype: every
+        column's (``Column``).
     """
 
     task_classes: tuple[int, ...]
@@ -174,6 +187,7 @@ class ProgressiveNet(nn.Module):
     reduction: int = 4
     alpha_init: float = 0.1
     conv_impl: str = "auto"
+    conv_operands: str = "float32"
     dtype: Any = None
 
     def _column(self, heads, name):
@@ -184,6 +198,7 @@ class ProgressiveNet(nn.Module):
             reduction=self.reduction,
             alpha_init=self.alpha_init,
             conv_impl=self.conv_impl,
+            conv_operands=self.conv_operands,
             dtype=self.dtype,
             name=name,
         )
