@@ -5,12 +5,14 @@
   python benchmarks/speed_dann.py --full_run       # + whole 3000-step runs, tljax vs PyTorch
   python benchmarks/speed_dann.py --steps=5 --batches=64 --impls=auto --full_run --seeds=0,1,2
   python benchmarks/speed_dann.py --impls=auto --conv_operands=float32,bfloat16   # bf16 option
+  python benchmarks/speed_dann.py --rounds=3   # each row 3x, interleaved, medians (noisy hosts)
 
 Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
 CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
 
-Prints markdown tables: ms/step and images/s for B source + B target images on a
-fixed in-memory batch (pure compute) and through the real input pipeline,
+Prints markdown tables: ms/step (median of single steps, for both frameworks) and images/s
+for B source + B target images on a fixed in-memory batch (pure compute) and through the
+real input pipeline,
 achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
 fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine.
 """
@@ -43,6 +45,9 @@ _OPERANDS = flags.DEFINE_list(
     "conv_operands", ["float32"], "Conv matmul operand dtypes (model.conv_operands) to time."
 )
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
+_ROUNDS = flags.DEFINE_integer(
+    "rounds", 1, "Measure every row this many times, interleaved; print the medians."
+)
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs torch).")
 _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole runs (each framework).")
@@ -88,7 +93,7 @@ def dann_setup(impl: str, batch: int, operands: str = "float32"):
 
 
 def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
-    """ms/step of the compiled DANN step, fixed batch and real pipeline.
+    """ms/step (median of single steps) of the compiled DANN step, fixed batch and real pipeline.
 
     Args:
         impl: conv lowering (a key of layers.CONV_IMPLS).
@@ -106,20 +111,49 @@ def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
     flops = compiled.cost_analysis().get("flops", float("nan"))
 
     def timed(next_batch):
+        # The median of single steps, the statistic torch_dann.time_train_step reports: on a
+        # shared machine a neighbour's burst moves the mean of a few steps by 20% or more. Each
+        # step waits for the last; the next step needs its state anyway, so this costs nothing.
         nonlocal state
         for _ in range(5):
             state, metrics = compiled(state, next_batch())
         jax.block_until_ready(metrics)
-        t0 = time.perf_counter()
+        times = []
         for _ in range(_STEPS.value):
+            t0 = time.perf_counter()
             state, metrics = compiled(state, next_batch())
-        jax.block_until_ready(metrics)
-        return (time.perf_counter() - t0) / _STEPS.value * 1e3
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
 
     ms_fixed = timed(lambda: fixed)
     ms_pipeline = timed(lambda: next(batches))
     batches.close()
     return dict(ms_fixed=ms_fixed, ms_pipeline=ms_pipeline, gflop=flops / 1e9, compile_s=compile_s)
+
+
+def measure_round(batch: int, settings: list[tuple[str, str]]) -> dict:
+    """One measurement of PyTorch (if timed) and of every (impl, operands) setting.
+
+    Args:
+        batch: images per domain.
+        settings: (conv lowering, conv operand dtype) pairs.
+
+    Returns:
+        {'torch': ms/step} (when timed) and {(impl, operands): time_tljax's dict}.
+    """
+    measured = {}
+    if _TORCH.value:
+        import torch_dann
+
+        measured["torch"] = torch_dann.time_train_step(batch, iters=_STEPS.value)["ms_per_step"]
+    for impl, operands in settings:
+        measured[impl, operands] = time_tljax(impl, batch, operands)
+    return measured
+
+
+def _median_fields(results: list[dict]) -> dict:
+    return {key: statistics.median(r[key] for r in results) for key in results[0]}
 
 
 def standard_gflop(batch: int) -> float:
@@ -237,17 +271,17 @@ def main(argv):
         "| % of matmul | compile s | vs PyTorch |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
+    settings = list(itertools.product(_IMPLS.value, _OPERANDS.value))
     for batch in map(int, _BATCHES.value):
         # Model FLOPs come from the standard lowering: XLA does not count the FLOPs inside
         # the loops of the im2col lowering's chunked backward, and the work is the same.
         model_gflop = None if "xla" in _IMPLS.value else standard_gflop(batch)
         torch_ms = None
+        rounds = [measure_round(batch, settings) for _ in range(_ROUNDS.value)]
         if _TORCH.value:
-            import torch_dann
-
-            torch_ms = torch_dann.time_train_step(batch, iters=_STEPS.value)["ms_per_step"]
-        for impl, operands in itertools.product(_IMPLS.value, _OPERANDS.value):
-            r = time_tljax(impl, batch, operands)
+            torch_ms = statistics.median(r["torch"] for r in rounds)
+        for impl, operands in settings:
+            r = _median_fields([r[impl, operands] for r in rounds])
             model_gflop = model_gflop or (r["gflop"] if impl == "xla" else None)
             rate = (model_gflop or float("nan")) / r["ms_fixed"] * 1e3
             ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
