@@ -10,12 +10,19 @@ A config with get_sweep() runs as a sweep (tljax/sweep.py): every point in its o
 <workdir>/<point>, finished points skipped; --sweep_commands prints the commands instead.
 
   python launch.py --config=configs/layer_transfer.py --workdir=runs/yosinski --sweep
+
+Compiled programs go to a persistent cache (--compilation_cache), so a later run or sweep
+point with the same shapes and settings loads its train step instead of compiling it.
 """
 
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+# XLA checks on load that an entry was compiled for this machine's CPU features and recompiles
+# otherwise, so a home directory shared by different machines is safe.
+DEFAULT_COMPILATION_CACHE = os.path.join("~", ".cache", "tljax", "jax_compilation")
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Experiment config file.", lock_config=True
@@ -28,7 +35,27 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "Run every point of the config's get_
 _SWEEP_COMMANDS = flags.DEFINE_bool(
     "sweep_commands", False, "Print one launch command per sweep point instead of running."
 )
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    None,
+    "Directory of JAX's persistent compilation cache. Default: $JAX_COMPILATION_CACHE_DIR if "
+    f"set, else {DEFAULT_COMPILATION_CACHE}. '' turns the cache off.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def compilation_cache_dir(flag_value: str | None) -> str | None:
+    """The persistent compilation cache directory for a --compilation_cache value.
+
+    Args:
+      flag_value: the flag; None means $JAX_COMPILATION_CACHE_DIR, or the default without it.
+
+    Returns:
+      An absolute path, or None for no cache.
+    """
+    if flag_value is None:
+        flag_value = os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_COMPILATION_CACHE
+    return os.path.abspath(os.path.expanduser(flag_value)) if flag_value else None
 
 
 def main(argv):
@@ -49,6 +76,7 @@ def main(argv):
 
     import jax
 
+    jax.config.update("jax_compilation_cache_dir", compilation_cache_dir(_COMPILATION_CACHE.value))
     if _DISTRIBUTED.value:
         jax.distributed.initialize()
     logging.info(

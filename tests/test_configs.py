@@ -91,6 +91,53 @@ def test_launch_rejects_unknown_config_field(tmp_path):
     assert "stesp" in proc.stderr
 
 
+def test_a_second_run_loads_the_train_step_from_the_compilation_cache(data_dir, tmp_path):
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    # Cache even this tiny step (it compiles in under the default 1 s threshold); log hits.
+    env |= {
+        "JAX_PLATFORMS": "cpu",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_LOG_COMPILES": "1",
+    }
+
+    def run(name):
+        cmd = [
+            sys.executable,
+            "launch.py",
+            "--config=configs/dann.py",
+            "--config.train.steps=2",
+            "--config.train.batch_size=8",
+            "--config.eval.batch_size=500",
+            f"--config.data.data_dir={data_dir}",
+            f"--compilation_cache={cache}",
+            f"--workdir={tmp_path / name}",
+        ]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, check=True, env=env, capture_output=True, text=True, timeout=300
+        )
+        final = json.loads((tmp_path / name / "results.json").read_text())["final"]
+        return proc.stderr, final
+
+    first_log, first = run("first")
+    assert "cache hit for 'jit_train_step'" not in first_log
+    assert any(p.name.startswith("jit_train_step-") for p in cache.iterdir())
+    second_log, second = run("second")
+    assert "Persistent compilation cache hit for 'jit_train_step'" in second_log
+    assert second == first
+
+
+def test_compilation_cache_dir_resolution(monkeypatch):
+    from launch import DEFAULT_COMPILATION_CACHE, compilation_cache_dir
+
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    assert compilation_cache_dir(None) == os.path.expanduser(DEFAULT_COMPILATION_CACHE)
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "/tmp/from_env")
+    assert compilation_cache_dir(None) == "/tmp/from_env"
+    assert compilation_cache_dir("~/c") == os.path.expanduser("~/c")
+    assert compilation_cache_dir("") is None
+
+
 # Every config variant that trains a convnet on the embedded digits.
 CONVNET_VARIANTS = [
     ("dann", None),
