@@ -6,6 +6,8 @@
   python benchmarks/speed_dann.py --steps=5 --batches=64 --impls=auto --full_run --seeds=0,1,2
   python benchmarks/speed_dann.py --impls=auto --conv_operands=float32,bfloat16   # bf16 option
   python benchmarks/speed_dann.py --rounds=3   # each row 3x, interleaved, medians (noisy hosts)
+  python benchmarks/speed_dann.py --synthetic --impls=xla --conv_operands=float32,bfloat16
+      # on a GPU: random digits (no tfds/TensorFlow needed), PyTorch on CUDA
 
 Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
 CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
@@ -27,12 +29,14 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import tljax.data  # noqa: E402
 from configs import dann as dann_config  # noqa: E402
 from tljax import host, methods, optim, parallel, train  # noqa: E402
 from tljax.data import pipeline  # noqa: E402
@@ -53,6 +57,12 @@ _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN r
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole runs (each framework).")
 _RUN_STEPS = flags.DEFINE_integer("run_steps", None, "Steps of the whole runs (default: config).")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+_SYNTHETIC = flags.DEFINE_bool(
+    "synthetic",
+    False,
+    "Step table on random digits of the embedded splits' shapes, without tfds or TensorFlow "
+    "(e.g. on an accelerator image that lacks them).",
+)
 
 
 def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
@@ -75,6 +85,20 @@ def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
         f(a, a).block_until_ready()
         times.append(time.perf_counter() - t0)
     return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def synthetic_split(name: str, split: str, data_dir=None) -> dict[str, np.ndarray]:
+    """Random uint8 digits and labels shaped like ``tljax.data.load_split(name, split)``'s
+    embedded splits (4000 train, 1000 test; MNIST grey, MNIST-M colour): the step's cost
+    depends on the shapes only."""
+    del data_dir
+    n = 4000 if split == "train" else 1000
+    channels = 3 if name.endswith("mnist_m") else 1
+    rng = np.random.default_rng(list(f"{name}/{split}".encode()))
+    return {
+        "image": rng.integers(0, 256, (n, 28, 28, channels), dtype=np.uint8),
+        "label": rng.integers(0, 10, n).astype(np.int32),
+    }
 
 
 def dann_setup(impl: str, batch: int, operands: str = "float32"):
@@ -146,10 +170,25 @@ def measure_round(batch: int, settings: list[tuple[str, str]]) -> dict:
     if _TORCH.value:
         import torch_dann
 
-        measured["torch"] = torch_dann.time_train_step(batch, iters=_STEPS.value)["ms_per_step"]
+        measured["torch"] = torch_dann.time_train_step(
+            batch, iters=_STEPS.value, device=torch_device()
+        )["ms_per_step"]
     for impl, operands in settings:
         measured[impl, operands] = time_tljax(impl, batch, operands)
     return measured
+
+
+def torch_device() -> str:
+    """Where the PyTorch peer runs: the GPU when JAX runs on one, else the CPU."""
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def torch_label() -> str:
+    import torch
+
+    return f"PyTorch {torch.__version__.split('+')[0]}"
 
 
 def _median_fields(results: list[dict]) -> dict:
@@ -249,12 +288,18 @@ def full_runs() -> list[str]:
             runs = [
                 _isolated(_torch_run, seed, _DATA_DIR.value, steps, batch, retain) for seed in seeds
             ]
-            rows.append(row(f"PyTorch 2.13 ({label})", runs))
+            rows.append(row(f"{torch_label()} ({label})", runs))
     return rows
 
 
 def main(argv):
     del argv
+    if _SYNTHETIC.value:
+        if _FULL_RUN.value:
+            raise app.UsageError("--full_run trains on the real data; drop --synthetic for it.")
+        # For this whole process: a module attribute comes before tljax.data's lazy import of
+        # the tfds loader, so TensorFlow is never imported.
+        tljax.data.load_split = synthetic_split
     # As train_and_evaluate does on CPU (see tljax/host.py); PyTorch runs in the same process.
     retained = jax.default_backend() == "cpu" and host.retain_freed_memory()
     device = jax.devices()[0]
@@ -293,7 +338,7 @@ def main(argv):
             )
         if torch_ms:
             print(
-                f"| {batch}+{batch} | PyTorch 2.13 eager | {torch_ms:.1f} | "
+                f"| {batch}+{batch} | {torch_label()} eager ({torch_device()}) | {torch_ms:.1f} | "
                 f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
             )
     if _FULL_RUN.value:

@@ -4,6 +4,8 @@ import dataclasses
 import glob
 import json
 import os
+import subprocess
+import sys
 import time
 import types
 
@@ -182,3 +184,63 @@ def test_one_off_programs_compile_faster_with_bit_identical_results(tiny_dann_co
 def test_one_off_compiler_options_leave_accelerators_alone():
     gpu_mesh = types.SimpleNamespace(devices=np.array([types.SimpleNamespace(platform="gpu")]))
     assert train.one_off_compiler_options(gpu_mesh) == {}
+
+
+_WITHOUT_TENSORFLOW = """
+import sys
+
+import jax
+import numpy as np
+
+for name in ("tensorflow", "tensorflow_datasets", "clu"):
+    sys.modules[name] = None  # Importing any of them now raises ImportError.
+
+import tljax.data
+from configs import dann
+from tljax import methods, optim, parallel, train
+from tljax.data import pipeline
+
+
+def fake_split(name, split, data_dir=None):
+    channels = 3 if name.endswith("mnist_m") else 1
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.integers(0, 256, (32, 28, 28, channels), dtype=np.uint8),
+        "label": rng.integers(0, 10, 32).astype(np.int32),
+    }
+
+
+tljax.data.load_split = fake_split
+config = dann.get_config()
+config.train.batch_size = 8
+method = methods.build(config)
+schedule = optim.make_schedule(config.lr, config.train.steps)
+optimizer = optim.make_optimizer(config.optimizer, schedule)
+mesh = parallel.make_data_mesh(jax.devices()[:1])
+state = train.create_train_state(method, optimizer, 0, mesh)
+batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
+batch = next(batches)
+step, _ = train.compile_train_step(
+    train.make_train_step(method, optimizer, schedule), state, batch, mesh
+)
+state, metrics = step(state, batch)
+batches.close()
+print("loss", float(metrics["loss"]))
+"""
+
+
+def test_the_train_step_runs_without_tensorflow():
+    """Accelerator images without TensorFlow (or clu) can still build and run the step, e.g.
+    `benchmarks/speed_dann.py --synthetic` on a GPU; only tfds loading and run logging need it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root}
+    proc = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TENSORFLOW],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert np.isfinite(float(proc.stdout.split("loss")[-1]))

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
-from clu import metric_writers, periodic_actions
 
 from tljax import host, methods, optim, parallel, transfer
 from tljax import params as ptree
@@ -355,6 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, first_step = restore_latest(manager, state)
 
     is_lead = jax.process_index() == 0
+    # Imported here: clu's writers import TensorFlow, which the step functions above do not need.
+    from clu import metric_writers, periodic_actions
+
     writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
     if first_step == 0:
         writer.write_hparams(_flat_hparams(config))
