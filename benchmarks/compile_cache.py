@@ -45,8 +45,7 @@ def launch(workdir: str, cache_dir: str) -> dict:
         cmd.append(f"--config.train.steps={_STEPS.value}")
     if _DATA_DIR.value:
         cmd.append(f"--config.data.data_dir={_DATA_DIR.value}")
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     with open(os.path.join(workdir, "results.json")) as f:
         return json.load(f)
 

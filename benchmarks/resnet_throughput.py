@@ -15,9 +15,7 @@ given), the model-FLOP utilisation against the dense bf16 peak.
 """
 
 import os
-import statistics
 import sys
-import time
 
 import jax
 import numpy as np
@@ -25,6 +23,9 @@ from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import step_timing  # noqa: E402
 
 import tljax.data  # noqa: E402
 from configs import pretrain  # noqa: E402
@@ -44,15 +45,11 @@ NUM_CLASSES = 10
 
 
 def random_split(name: str, split: str, data_dir=None) -> dict[str, np.ndarray]:
-    """Random uint8 RGB images of --image_size and labels, in `load_split`'s layout."""
+    """Random RGB images of --image_size, in `load_split`'s layout."""
     del name, data_dir
     n = 2 * _BATCH.value if split == "train" else _BATCH.value
-    rng = np.random.default_rng(0)
     side = _IMAGE_SIZE.value
-    return {
-        "image": rng.integers(0, 256, (n, side, side, 3), dtype=np.uint8),
-        "label": rng.integers(0, NUM_CLASSES, n).astype(np.int32),
-    }
+    return step_timing.random_labelled_images(n, (side, side, 3), NUM_CLASSES)
 
 
 def finetune_config(dtype: str):
@@ -63,7 +60,6 @@ def finetune_config(dtype: str):
     config.model.channels = 3
     config.model.num_classes = NUM_CLASSES
     config.model.dtype = dtype
-    config.data.classes = ()
     config.train.batch_size = _BATCH.value
     return config
 
@@ -82,16 +78,8 @@ def time_step(dtype: str) -> dict[str, float]:
     step_fn = train.make_train_step(method, optimizer, schedule)
     compiled, compile_s = train.compile_train_step(step_fn, state, batch, mesh)
     flops = compiled.cost_analysis().get("flops", float("nan"))
-    for _ in range(3):
-        state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times = []
-    for _ in range(_STEPS.value):
-        t0 = time.perf_counter()
-        state, metrics = compiled(state, batch)
-        jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    return dict(ms=statistics.median(times) * 1e3, flops=flops, compile_s=compile_s)
+    ms, _ = step_timing.median_step_ms(compiled, state, lambda: batch, _STEPS.value, warmup=3)
+    return dict(ms=ms, flops=flops, compile_s=compile_s)
 
 
 def main(argv):

@@ -36,6 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import step_timing  # noqa: E402
+
 import tljax.data  # noqa: E402
 from configs import dann as dann_config  # noqa: E402
 from tljax import host, methods, optim, parallel, train  # noqa: E402
@@ -88,17 +90,12 @@ def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
 
 
 def synthetic_split(name: str, split: str, data_dir=None) -> dict[str, np.ndarray]:
-    """Random uint8 digits and labels shaped like ``tljax.data.load_split(name, split)``'s
-    embedded splits (4000 train, 1000 test; MNIST grey, MNIST-M colour): the step's cost
-    depends on the shapes only."""
+    """Random digits shaped like the embedded split ``tljax.data.load_split(name, split)``:
+    4000 train or 1000 test images, 28x28, grey for MNIST and colour for MNIST-M."""
     del data_dir
-    n = 4000 if split == "train" else 1000
     channels = 3 if name.endswith("mnist_m") else 1
-    rng = np.random.default_rng(list(f"{name}/{split}".encode()))
-    return {
-        "image": rng.integers(0, 256, (n, 28, 28, channels), dtype=np.uint8),
-        "label": rng.integers(0, 10, n).astype(np.int32),
-    }
+    n = 4000 if split == "train" else 1000
+    return step_timing.random_labelled_images(n, (28, 28, channels), num_classes=10)
 
 
 def dann_setup(impl: str, batch: int, operands: str = "float32"):
@@ -135,20 +132,9 @@ def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
     flops = compiled.cost_analysis().get("flops", float("nan"))
 
     def timed(next_batch):
-        # The median of single steps, the statistic torch_dann.time_train_step reports: on a
-        # shared machine a neighbour's burst moves the mean of a few steps by 20% or more. Each
-        # step waits for the last; the next step needs its state anyway, so this costs nothing.
         nonlocal state
-        for _ in range(5):
-            state, metrics = compiled(state, next_batch())
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(_STEPS.value):
-            t0 = time.perf_counter()
-            state, metrics = compiled(state, next_batch())
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
+        ms, state = step_timing.median_step_ms(compiled, state, next_batch, _STEPS.value)
+        return ms
 
     ms_fixed = timed(lambda: fixed)
     ms_pipeline = timed(lambda: next(batches))

@@ -59,21 +59,32 @@ def test_unknown_variant_key_is_named():
         parse_arg("adversarial=maybe", adversarial=True)
 
 
-def test_launch_runs_a_variant_with_overrides(data_dir, tmp_path):
-    workdir = tmp_path / "run"
+def _launch_tiny_dann(workdir, data_dir, *flags, config="configs/dann.py", env=None):
+    """Runs launch.py on `config` (a DANN config) for 2 steps of 8 + 8 images.
+
+    Returns:
+      (the run's stderr, its results.json).
+    """
     cmd = [
         sys.executable,
         "launch.py",
-        "--config=configs/dann.py:seed=2",
+        f"--config={config}",  # Before the --config.* overrides.
         "--config.train.steps=2",
         "--config.train.batch_size=8",
         "--config.eval.batch_size=500",
         f"--config.data.data_dir={data_dir}",
         f"--workdir={workdir}",
+        *flags,
     ]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    subprocess.run(cmd, cwd=ROOT, check=True, env=env, capture_output=True, timeout=300)
-    results = json.loads((workdir / "results.json").read_text())
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+    proc = subprocess.run(
+        cmd, cwd=ROOT, check=True, env=env, capture_output=True, text=True, timeout=300
+    )
+    return proc.stderr, json.loads((workdir / "results.json").read_text())
+
+
+def test_launch_runs_a_variant_with_overrides(data_dir, tmp_path):
+    _, results = _launch_tiny_dann(tmp_path / "run", data_dir, config="configs/dann.py:seed=2")
     assert results["seed"] == 2 and results["steps"] == 2
     assert results["config"]["train"]["batch_size"] == 8
 
@@ -93,38 +104,16 @@ def test_launch_rejects_unknown_config_field(tmp_path):
 
 def test_a_second_run_loads_the_train_step_from_the_compilation_cache(data_dir, tmp_path):
     cache = tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
-    # Cache even this tiny step (it compiles in under the default 1 s threshold); log hits.
-    env |= {
-        "JAX_PLATFORMS": "cpu",
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-        "JAX_LOG_COMPILES": "1",
-    }
-
-    def run(name):
-        cmd = [
-            sys.executable,
-            "launch.py",
-            "--config=configs/dann.py",
-            "--config.train.steps=2",
-            "--config.train.batch_size=8",
-            "--config.eval.batch_size=500",
-            f"--config.data.data_dir={data_dir}",
-            f"--compilation_cache={cache}",
-            f"--workdir={tmp_path / name}",
-        ]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, check=True, env=env, capture_output=True, text=True, timeout=300
-        )
-        final = json.loads((tmp_path / name / "results.json").read_text())["final"]
-        return proc.stderr, final
-
-    first_log, first = run("first")
+    # --compilation_cache wins over the tests' JAX_COMPILATION_CACHE_DIR. Cache even this tiny
+    # step (it compiles in under the default 1 s threshold), and log hits.
+    env = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_LOG_COMPILES": "1"}
+    flags = (f"--compilation_cache={cache}",)
+    first_log, first = _launch_tiny_dann(tmp_path / "first", data_dir, *flags, env=env)
     assert "cache hit for 'jit_train_step'" not in first_log
     assert any(p.name.startswith("jit_train_step-") for p in cache.iterdir())
-    second_log, second = run("second")
+    second_log, second = _launch_tiny_dann(tmp_path / "second", data_dir, *flags, env=env)
     assert "Persistent compilation cache hit for 'jit_train_step'" in second_log
-    assert second == first
+    assert second["final"] == first["final"]
 
 
 def test_compilation_cache_dir_resolution(monkeypatch):

@@ -102,20 +102,26 @@ def _read_mat(folder: str, filename: str, keys: tuple[str, ...]) -> dict:
             f"{SPLIT_FILE} (from xlsa17.zip, folder xlsa17/data/<DATASET>); pass the folder "
             "that contains AWA2/, CUB/, SUN/ as data.zsl_root (see BUILD.md)."
         )
-    try:
-        contents = scipy.io.loadmat(path)
-    except NotImplementedError as error:
-        # scipy's own signal for MATLAB v7.3 files, which are HDF5 underneath.
-        raise ValueError(
-            f"{path} is a MATLAB v7.3 (HDF5) file; the proposed-split release ships v5 files. "
-            f"Re-save it with save('-v7') or use the original xlsa17 file ({error})."
-        ) from error
-    except ValueError as error:
-        raise ValueError(f"{path} is not a MATLAB file scipy can read ({error}).") from error
+    contents = _load_mat_v5(path)
     missing = [key for key in keys if key not in contents]
     if missing:
         raise ValueError(f"{path} lacks the field(s) {missing}; expected {list(keys)}.")
     return contents
+
+
+def _load_mat_v5(path: str) -> dict:
+    """``scipy.io.loadmat(path)``, with a specific error for files scipy cannot read."""
+    try:
+        major_version, _ = scipy.io.matlab.matfile_version(path)
+        if major_version != 2:
+            return scipy.io.loadmat(path)
+    except (ValueError, scipy.io.matlab.MatReadError) as error:
+        raise ValueError(f"{path} is not a MATLAB file scipy can read ({error}).") from error
+    # Major version 2 is MATLAB v7.3, HDF5 underneath; scipy reads v4 and v5 only.
+    raise ValueError(
+        f"{path} is a MATLAB v7.3 (HDF5) file; the proposed-split release ships v5 files. "
+        "Re-save it with save('-v7') or use the original xlsa17 file."
+    )
 
 
 def _indices(mat: dict, key: str, num_images: int, folder: str) -> np.ndarray:
