@@ -58,6 +58,17 @@ def compilation_cache_dir(flag_value: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(flag_value)) if flag_value else None
 
 
+def _hide_accelerators_from_tensorflow() -> None:
+    """TensorFlow only feeds tfds: keep it off the accelerators JAX owns. Without TensorFlow
+    (runs on exported splits, see tljax/data/export.py) there is nothing to hide."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return
+    tf.config.set_visible_devices([], "GPU")
+    tf.config.set_visible_devices([], "TPU")
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -68,11 +79,7 @@ def main(argv):
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         print("\n".join(sweep.sweep_commands(config_spec, _WORKDIR.value, overrides)))
         return
-    # TensorFlow only feeds tfds; keep it off the accelerators JAX owns.
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    tf.config.set_visible_devices([], "TPU")
+    _hide_accelerators_from_tensorflow()
 
     import jax
 

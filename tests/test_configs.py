@@ -59,15 +59,30 @@ def test_unknown_variant_key_is_named():
         parse_arg("adversarial=maybe", adversarial=True)
 
 
-def _launch_tiny_dann(workdir, data_dir, *flags, config="configs/dann.py", env=None):
+# Runs launch.py (argv[1:] are its flags) with the modules in argv[0] made unimportable.
+_LAUNCH_WITHOUT = """
+import runpy, sys
+sys.path.insert(0, ".")
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # Importing it now raises ImportError.
+sys.argv = ["launch.py", *sys.argv[2:]]
+runpy.run_path("launch.py", run_name="__main__")
+"""
+
+
+def _launch_tiny_dann(workdir, data_dir, *flags, config="configs/dann.py", env=None, without=()):
     """Runs launch.py on `config` (a DANN config) for 2 steps of 8 + 8 images.
+
+    Args:
+      without: modules the run cannot import (as if not installed).
 
     Returns:
       (the run's stderr, its results.json).
     """
+    launch = ["-c", _LAUNCH_WITHOUT, ",".join(without)] if without else ["launch.py"]
     cmd = [
         sys.executable,
-        "launch.py",
+        *launch,
         f"--config={config}",  # Before the --config.* overrides.
         "--config.train.steps=2",
         "--config.train.batch_size=8",
@@ -87,6 +102,29 @@ def test_launch_runs_a_variant_with_overrides(data_dir, tmp_path):
     _, results = _launch_tiny_dann(tmp_path / "run", data_dir, config="configs/dann.py:seed=2")
     assert results["seed"] == 2 and results["steps"] == 2
     assert results["config"]["train"]["batch_size"] == 8
+
+
+def test_launch_trains_on_exported_splits_without_tensorflow(data_dir, tmp_path):
+    """An accelerator image without TensorFlow, tfds or clu runs the same experiment on splits
+    exported where tfds works, and logs its metrics instead of writing TensorBoard events."""
+    from configs import dann
+    from tljax.data import exported
+
+    config = dann.get_config()
+    config.data.data_dir = data_dir
+    arrays = tmp_path / "arrays"
+    exported.export_splits(config, str(arrays))
+
+    _, with_tfds = _launch_tiny_dann(tmp_path / "tfds", data_dir)
+    log, without_tf = _launch_tiny_dann(
+        tmp_path / "arrays_run",
+        arrays,
+        without=("tensorflow", "tensorflow_datasets", "clu"),
+    )
+    assert without_tf["final"] == with_tfds["final"]
+    assert "No TensorBoard events for this run" in log
+    assert "target_test/accuracy=" in log
+    assert not glob.glob(str(tmp_path / "arrays_run" / "events.out.tfevents.*"))
 
 
 def test_launch_rejects_unknown_config_field(tmp_path):

@@ -1,7 +1,9 @@
 """Tests for tljax.data: MNIST-M construction, the tfds builders and load_split."""
 
 import gzip
+import importlib
 import io
+import os
 import pathlib
 import tarfile
 import time
@@ -12,7 +14,15 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from tljax.data import DatasetUnavailableError, blend_mnist_m, embedded, load_split, loading
+from configs import dann
+from tljax.data import (
+    DatasetUnavailableError,
+    blend_mnist_m,
+    embedded,
+    exported,
+    load_split,
+    loading,
+)
 from tljax.data import mnist_m as mnist_m_lib
 
 DUMMY_MNIST_M = pathlib.Path(__file__).parent / "dummy_data" / "mnist_m"
@@ -327,3 +337,69 @@ def test_load_split_unreachable_dataset_fails_fast(name, tmp_path, monkeypatch):
     message = str(caught.value)
     assert "tljax-test.invalid" in message and "--config=configs/dann.py" in message
     assert "tfds build" in message
+
+
+# ---------------------------------------------------------------- exported splits
+
+
+def test_exported_splits_read_back_without_tfds(data_dir, tmp_path, monkeypatch):
+    config = dann.get_config()
+    config.data.data_dir = data_dir
+    out = str(tmp_path / "arrays")
+    written = exported.export_splits(config, out)
+
+    # DANN loads both domains' train and test splits.
+    assert sorted(os.path.relpath(p, out) for p in written) == [
+        os.path.join("embedded_digits", domain, f"{split}.npz")
+        for domain in ("mnist", "mnist_m")
+        for split in ("test", "train")
+    ]
+    # Reading them back must not touch tfds.
+    monkeypatch.setattr(loading, "load_split", mock.Mock(side_effect=AssertionError("tfds")))
+    for domain in ("mnist", "mnist_m"):
+        for split in ("train", "test"):
+            name = f"embedded_digits/{domain}"
+            arrays = load_split(name, split, out)
+            expected = loading._load_split_cached(name, split, data_dir)
+            np.testing.assert_array_equal(arrays["image"], expected["image"])
+            np.testing.assert_array_equal(arrays["label"], expected["label"])
+            assert arrays["label"].dtype == np.int32 and not arrays["image"].flags.writeable
+
+
+def test_export_refuses_to_write_into_its_own_data_dir(data_dir):
+    config = dann.get_config()
+    config.data.data_dir = data_dir
+    with pytest.raises(ValueError, match="must differ from config.data.data_dir"):
+        exported.export_splits(config, data_dir)
+
+
+def test_a_split_spec_with_brackets_round_trips(tmp_path):
+    arrays = {"image": np.arange(2 * 4 * 4 * 1, dtype=np.uint8).reshape(2, 4, 4, 1)}
+    arrays["label"] = np.array([3, 1], np.int32)
+    path = exported.save_split(tmp_path, "mnist", "test[:10%]", arrays)
+    assert os.path.dirname(path) == str(tmp_path / "mnist")
+    assert exported.load_saved_split(tmp_path, "mnist", "test[:10%]")["label"].tolist() == [3, 1]
+    assert exported.load_saved_split(tmp_path, "mnist", "test") is None
+
+
+def test_a_file_that_is_not_a_split_is_named(tmp_path):
+    path = exported.split_file(tmp_path, "mnist", "train")
+    os.makedirs(os.path.dirname(path))
+    np.savez(path, image=np.zeros((2, 4, 4, 1), np.float32), label=np.zeros(2, np.int32))
+    with pytest.raises(ValueError, match="expected uint8 .* got float32"):
+        load_split("mnist", "train", str(tmp_path))
+
+
+def test_without_tfds_a_split_that_is_not_exported_says_how_to_export_it(tmp_path, monkeypatch):
+    real_import = importlib.import_module
+
+    def no_tfds(name, *args):
+        if name == "tljax.data.loading":
+            raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(importlib, "import_module", no_tfds)
+    with pytest.raises(DatasetUnavailableError, match="tensorflow is not installed") as caught:
+        load_split("embedded_digits/mnist", "train", str(tmp_path))
+    assert f"not exported in {tmp_path}" in str(caught.value)
+    assert "python -m tljax.data.export" in str(caught.value)

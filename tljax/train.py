@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
-from tljax import host, methods, optim, parallel, transfer
+from tljax import host, methods, optim, parallel, run_log, transfer
 from tljax import params as ptree
 from tljax.data import pipeline
 
@@ -354,15 +354,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, first_step = restore_latest(manager, state)
 
     is_lead = jax.process_index() == 0
-    # Imported here: clu's writers import TensorFlow, which the step functions above do not need.
-    from clu import metric_writers, periodic_actions
-
-    writer = metric_writers.create_default_writer(workdir, just_logging=not is_lead)
+    writer, progress = run_log.make_writer(workdir, is_lead, num_steps, config.train.log_every_secs)
     if first_step == 0:
         writer.write_hparams(_flat_hparams(config))
-    progress = periodic_actions.ReportProgress(
-        num_train_steps=num_steps, writer=writer, every_secs=config.train.log_every_secs
-    )
 
     batches = pipeline.train_batches(method.train_streams, config.seed, first_step, mesh)
     eval_step = jax.jit(

@@ -1,23 +1,64 @@
-"""tensorflow-datasets layer of tljax: builders for MNIST-M and an offline MNIST / MNIST-M pair.
+"""tljax's data layer: whole splits in memory, from tfds or from exported NumPy files.
 
-Using ``load_split`` (or importing ``tljax.data.loading``) registers the tfds builders
-``mnist_m`` and ``embedded_digits`` (configs ``mnist`` and ``mnist_m``). TensorFlow is imported
-only then, so the models, train step and input pipeline also run where it is not installed
-(``benchmarks/speed_dann.py --synthetic`` on an accelerator image without TensorFlow).
+``load_split`` reads ``<data_dir>/<name>/<split>.npz`` when ``python -m tljax.data.export`` has
+written it there (see ``tljax.data.exported``), and otherwise asks tfds, registering tljax's tfds
+builders ``mnist_m`` and ``embedded_digits`` (configs ``mnist`` and ``mnist_m``). TensorFlow is
+imported only for a tfds load, so the models, the train step, the input pipeline and runs on
+exported splits also work where it is not installed (an accelerator image).
 """
+
+from __future__ import annotations
 
 import importlib
 
+import numpy as np
+
+from tljax.data import exported
+
 __all__ = ["DatasetUnavailableError", "blend_mnist_m", "load_split"]
 
-_PROVIDERS = {
-    "DatasetUnavailableError": "tljax.data.loading",
-    "load_split": "tljax.data.loading",
-    "blend_mnist_m": "tljax.data.mnist_m",
-}
+
+class DatasetUnavailableError(RuntimeError):
+    """A dataset could not be found, downloaded or prepared."""
+
+
+def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
+    """Loads one split fully into memory: its export in ``data_dir`` if there is one, else tfds.
+
+    Repeated calls with the same arguments in one process return the cached arrays; they are
+    read-only, so copy them before modifying.
+
+    Args:
+      name: tfds name, e.g. ``"mnist"``, ``"mnist_m"`` or ``"embedded_digits/mnist_m"``.
+      split: tfds split spec, e.g. ``"train"`` or ``"test[:10%]"``.
+      data_dir: a directory of exported splits (``python -m tljax.data.export``) or a tfds data
+        directory; None means tfds's default (``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
+
+    Returns:
+      ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``.
+
+    Raises:
+      DatasetUnavailableError: if the split is not exported in ``data_dir`` and tfds does not
+        know the dataset, cannot prepare it here, or is not installed.
+    """
+    if data_dir is not None:
+        arrays = exported.load_saved_split(data_dir, name, split)
+        if arrays is not None:
+            return arrays
+    try:
+        loading = importlib.import_module("tljax.data.loading")
+    except ModuleNotFoundError as err:
+        where = f"exported in {data_dir}" if data_dir is not None else "given a data_dir"
+        raise DatasetUnavailableError(
+            f"Dataset '{name}' split '{split}' is not {where}, and tfds cannot load it: "
+            f"{err.name} is not installed. Export it where tfds works with "
+            "`python -m tljax.data.export --config=<your config> --out=DIR`, copy DIR here and "
+            "pass it as config.data.data_dir."
+        ) from err
+    return loading.load_split(name, split, data_dir)
 
 
 def __getattr__(name: str):
-    if name in _PROVIDERS:
-        return getattr(importlib.import_module(_PROVIDERS[name]), name)
+    if name == "blend_mnist_m":
+        return importlib.import_module("tljax.data.mnist_m").blend_mnist_m
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

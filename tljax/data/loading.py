@@ -11,6 +11,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 # Imported for their side effect: registering the tljax builders with tfds.
+from tljax.data import DatasetUnavailableError
 from tljax.data import embedded as _embedded  # noqa: F401
 from tljax.data import mnist_m as _mnist_m  # noqa: F401
 
@@ -24,12 +25,10 @@ _PROBE_TIMEOUT_S = 5.0
 _PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
 
-class DatasetUnavailableError(RuntimeError):
-    """A dataset could not be found, downloaded or prepared."""
-
-
 def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, np.ndarray]:
     """Loads one split of a tfds dataset fully into memory, preparing it first if needed.
+
+    Use ``tljax.data.load_split``, which reads exported splits before asking tfds.
 
     Repeated calls with the same arguments in one process return the cached arrays; they are
     read-only, so copy them before modifying.
