@@ -8,6 +8,8 @@
   python benchmarks/speed_dann.py --rounds=3   # each row 3x, interleaved, medians (noisy hosts)
   python benchmarks/speed_dann.py --synthetic --impls=xla --conv_operands=float32,bfloat16
       # on a GPU: random digits (no tfds/TensorFlow needed), PyTorch on CUDA
+  python benchmarks/speed_dann.py --data_dir=ARRAYS --impls=xla --dtypes=float32,bfloat16 \
+      --full_run --seeds=0,1,2   # on a GPU: splits exported by tljax.data.export, no tfds
 
 Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
 CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
@@ -50,6 +52,9 @@ _IMPLS = flags.DEFINE_list(
 _OPERANDS = flags.DEFINE_list(
     "conv_operands", ["float32"], "Conv matmul operand dtypes (model.conv_operands) to time."
 )
+_DTYPES = flags.DEFINE_list(
+    "dtypes", ["float32"], "Computation dtypes (model.dtype; params stay fp32) to time."
+)
 _STEPS = flags.DEFINE_integer("steps", 60, "Timed steps per measurement.")
 _ROUNDS = flags.DEFINE_integer(
     "rounds", 1, "Measure every row this many times, interleaved; print the medians."
@@ -58,7 +63,9 @@ _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch peer (needs tor
 _FULL_RUN = flags.DEFINE_bool("full_run", False, "Also time whole default DANN runs.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds of the whole runs (each framework).")
 _RUN_STEPS = flags.DEFINE_integer("run_steps", None, "Steps of the whole runs (default: config).")
-_DATA_DIR = flags.DEFINE_string("data_dir", None, "tfds data_dir.")
+_DATA_DIR = flags.DEFINE_string(
+    "data_dir", None, "tfds data_dir, or a directory of splits from python -m tljax.data.export."
+)
 _SYNTHETIC = flags.DEFINE_bool(
     "synthetic",
     False,
@@ -98,11 +105,18 @@ def synthetic_split(name: str, split: str, data_dir=None) -> dict[str, np.ndarra
     return step_timing.random_labelled_images(n, (28, 28, channels), num_classes=10)
 
 
-def dann_setup(impl: str, batch: int, operands: str = "float32"):
-    """Config, method, optimizer and mesh of configs/dann.py with `impl`, `batch`, `operands`."""
+def precisions() -> list[tuple[str, str]]:
+    """The (model.conv_operands, model.dtype) pairs to time: --conv_operands x --dtypes."""
+    return list(itertools.product(_OPERANDS.value, _DTYPES.value))
+
+
+def dann_setup(impl: str, batch: int, operands: str = "float32", dtype: str = "float32"):
+    """Config, method, optimizer and mesh of configs/dann.py with `impl`, `batch`, `operands`
+    (model.conv_operands) and `dtype` (model.dtype)."""
     config = dann_config.get_config()
     config.model.conv_impl = impl
     config.model.conv_operands = operands
+    config.model.dtype = dtype
     config.train.batch_size = batch
     config.data.data_dir = _DATA_DIR.value
     mesh = parallel.make_data_mesh()
@@ -113,18 +127,19 @@ def dann_setup(impl: str, batch: int, operands: str = "float32"):
     return config, method, optimizer, step_fn, mesh
 
 
-def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
+def time_tljax(impl: str, batch: int, operands: str = "float32", dtype: str = "float32") -> dict:
     """ms/step (median of single steps) of the compiled DANN step, fixed batch and real pipeline.
 
     Args:
         impl: conv lowering (a key of layers.CONV_IMPLS).
         batch: images per domain.
         operands: conv matmul operand dtype (model.conv_operands).
+        dtype: computation dtype (model.dtype).
 
     Returns:
         Dict with ms_fixed, ms_pipeline, gflop (XLA's count for this lowering), compile_s.
     """
-    config, method, optimizer, step_fn, mesh = dann_setup(impl, batch, operands)
+    config, method, optimizer, step_fn, mesh = dann_setup(impl, batch, operands, dtype)
     state = train.create_train_state(method, optimizer, 0, mesh)
     batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
     fixed = next(batches)
@@ -142,15 +157,15 @@ def time_tljax(impl: str, batch: int, operands: str = "float32") -> dict:
     return dict(ms_fixed=ms_fixed, ms_pipeline=ms_pipeline, gflop=flops / 1e9, compile_s=compile_s)
 
 
-def measure_round(batch: int, settings: list[tuple[str, str]]) -> dict:
-    """One measurement of PyTorch (if timed) and of every (impl, operands) setting.
+def measure_round(batch: int, settings: list[tuple[str, str, str]]) -> dict:
+    """One measurement of PyTorch (if timed) and of every (impl, operands, dtype) setting.
 
     Args:
         batch: images per domain.
-        settings: (conv lowering, conv operand dtype) pairs.
+        settings: (conv lowering, conv operand dtype, computation dtype) triples.
 
     Returns:
-        {'torch': ms/step} (when timed) and {(impl, operands): time_tljax's dict}.
+        {'torch': ms/step} (when timed) and {setting: time_tljax's dict}.
     """
     measured = {}
     if _TORCH.value:
@@ -159,8 +174,8 @@ def measure_round(batch: int, settings: list[tuple[str, str]]) -> dict:
         measured["torch"] = torch_dann.time_train_step(
             batch, iters=_STEPS.value, device=torch_device()
         )["ms_per_step"]
-    for impl, operands in settings:
-        measured[impl, operands] = time_tljax(impl, batch, operands)
+    for impl, operands, dtype in settings:
+        measured[impl, operands, dtype] = time_tljax(impl, batch, operands, dtype)
     return measured
 
 
@@ -191,8 +206,10 @@ def standard_gflop(batch: int) -> float:
     return compiled.cost_analysis()["flops"] / 1e9
 
 
-def _tljax_label(label: str, operands: str) -> str:
-    return label if operands == "float32" else f"{label}, {operands} conv operands"
+def _tljax_label(label: str, operands: str, dtype: str) -> str:
+    if operands != "float32":
+        label += f", {operands} conv operands"
+    return label if dtype == "float32" else f"{label}, {dtype} compute"
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
@@ -209,10 +226,11 @@ def _isolated(fn, *args):
         return pool.apply(fn, args)
 
 
-def _tljax_run(seed: int, data_dir: str | None, steps: int, operands: str) -> dict:
+def _tljax_run(seed: int, data_dir: str | None, steps: int, operands: str, dtype: str) -> dict:
     """One default configs/dann.py run: its wall seconds by phase and final target accuracy."""
     config = dann_config.get_config()
     config.model.conv_operands = operands
+    config.model.dtype = dtype
     config.data.data_dir = data_dir
     config.seed = seed
     config.train.steps = steps
@@ -238,7 +256,13 @@ def _torch_run(seed: int, data_dir: str | None, steps: int, batch: int, retain: 
         host.retain_freed_memory()
     source, target, _, target_test = torch_dann.load_embedded_digits(data_dir)
     out = torch_dann.train_dann(
-        source, target, target_test, steps=steps, batch_per_domain=batch, seed=seed
+        source,
+        target,
+        target_test,
+        steps=steps,
+        batch_per_domain=batch,
+        seed=seed,
+        device=torch_device(),
     )
     return dict(run=time.perf_counter() - start, train=out["wall_s"], acc=out["target_accuracy"])
 
@@ -266,9 +290,11 @@ def full_runs() -> list[str]:
         return f"| {label} | {' | '.join(cells)} | {acc} | {len(runs)} |"
 
     rows = []
-    for operands in _OPERANDS.value:
-        runs = [_isolated(_tljax_run, seed, _DATA_DIR.value, steps, operands) for seed in seeds]
-        rows.append(row(_tljax_label("tljax", operands), runs))
+    for operands, dtype in precisions():
+        runs = [
+            _isolated(_tljax_run, seed, _DATA_DIR.value, steps, operands, dtype) for seed in seeds
+        ]
+        rows.append(row(_tljax_label("tljax", operands, dtype), runs))
     if _TORCH.value:
         for retain, label in ((False, "glibc defaults"), (True, "allocator as tljax")):
             runs = [
@@ -302,7 +328,7 @@ def main(argv):
         "| % of matmul | compile s | vs PyTorch |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    settings = list(itertools.product(_IMPLS.value, _OPERANDS.value))
+    settings = [(impl, *precision) for impl in _IMPLS.value for precision in precisions()]
     for batch in map(int, _BATCHES.value):
         # Model FLOPs come from the standard lowering: XLA does not count the FLOPs inside
         # the loops of the im2col lowering's chunked backward, and the work is the same.
@@ -311,13 +337,13 @@ def main(argv):
         rounds = [measure_round(batch, settings) for _ in range(_ROUNDS.value)]
         if _TORCH.value:
             torch_ms = statistics.median(r["torch"] for r in rounds)
-        for impl, operands in settings:
-            r = _median_fields([r[impl, operands] for r in rounds])
+        for impl, operands, dtype in settings:
+            r = _median_fields([r[impl, operands, dtype] for r in rounds])
             model_gflop = model_gflop or (r["gflop"] if impl == "xla" else None)
             rate = (model_gflop or float("nan")) / r["ms_fixed"] * 1e3
             ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
             print(
-                f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands)} "
+                f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands, dtype)} "
                 f"| {r['ms_fixed']:.1f} | "
                 f"{2 * batch / r['ms_fixed'] * 1e3:.0f} | {r['ms_pipeline']:.1f} | {rate:.0f} "
                 f"| {100 * rate / mm:.0f}% | {r['compile_s']:.1f} | {ratio} |"
@@ -328,7 +354,12 @@ def main(argv):
                 f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
             )
     if _FULL_RUN.value:
-        print("\nWhole default run (configs/dann.py: 3000 steps of 64+64, evals, checkpoints)\n")
+        config = dann_config.get_config()
+        steps, batch = _RUN_STEPS.value or config.train.steps, config.train.batch_size
+        print(
+            f"\nWhole default run (configs/dann.py: {steps} steps of {batch}+{batch}, evals, "
+            "checkpoints)\n"
+        )
         print(
             "| framework | whole run | training loop | setup | compile | evals | checkpoints "
             "| target test acc | seeds |"
