@@ -296,7 +296,11 @@ def full_runs() -> list[str]:
         ]
         rows.append(row(_tljax_label("tljax", operands, dtype), runs))
     if _TORCH.value:
-        for retain, label in ((False, "glibc defaults"), (True, "allocator as tljax")):
+        # glibc's settings matter for CPU tensors only.
+        variants = ((False, "glibc defaults"), (True, "allocator as tljax"))
+        if torch_device() != "cpu":
+            variants = ((False, torch_device()),)
+        for retain, label in variants:
             runs = [
                 _isolated(_torch_run, seed, _DATA_DIR.value, steps, batch, retain) for seed in seeds
             ]
