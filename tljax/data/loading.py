@@ -10,8 +10,9 @@ import threading
 import numpy as np
 import tensorflow_datasets as tfds
 
-# Imported for their side effect: registering the tljax builders with tfds.
 from tljax.data import DatasetUnavailableError
+
+# Imported for their side effect: registering the tljax builders with tfds.
 from tljax.data import embedded as _embedded  # noqa: F401
 from tljax.data import mnist_m as _mnist_m  # noqa: F401
 
