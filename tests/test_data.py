@@ -366,11 +366,15 @@ def test_exported_splits_read_back_without_tfds(data_dir, tmp_path, monkeypatch)
             assert arrays["label"].dtype == np.int32 and not arrays["image"].flags.writeable
 
 
-def test_export_refuses_to_write_into_its_own_data_dir(data_dir):
+def test_export_refuses_its_own_data_dir_and_buckets(data_dir):
     config = dann.get_config()
     config.data.data_dir = data_dir
     with pytest.raises(ValueError, match="must differ from config.data.data_dir"):
         exported.export_splits(config, data_dir)
+    # os.makedirs would make a local "gs:" directory and report success.
+    with pytest.raises(ValueError, match="must be a local directory, got gs://b/arrays"):
+        exported.export_splits(config, "gs://b/arrays")
+    assert exported.load_saved_split("gs://b/tfds", "mnist", "train") is None
 
 
 def test_a_split_spec_with_brackets_round_trips(tmp_path):

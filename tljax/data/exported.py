@@ -48,6 +48,8 @@ def save_split(
     Returns:
       The path written.
     """
+    if _is_url(root):
+        raise ValueError(f"Exports go to a local directory; got {root}. Export locally, then copy.")
     path = split_file(root, name, split)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, **{key: np.asarray(arrays[key]) for key in _KEYS})
@@ -72,10 +74,16 @@ def load_saved_split(
     Raises:
       ValueError: the file exists but does not hold a split (missing arrays, wrong dtypes).
     """
+    if _is_url(root):  # e.g. a tfds data_dir in a bucket: exports are local files only.
+        return None
     path = split_file(root, name, split)
     if not os.path.isfile(path):
         return None
     return dict(_read(path))
+
+
+def _is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
 
 
 @functools.lru_cache(maxsize=8)
@@ -131,13 +139,16 @@ def export_splits(config, out_dir: str) -> list[str]:
       The ``.npz`` paths written, in load order.
 
     Raises:
-      ValueError: if ``out_dir`` is the config's own data_dir (the export would shadow it).
+      ValueError: if ``out_dir`` is the config's own data_dir (the export would shadow it) or
+        not a local directory.
     """
     from tljax import methods
 
     source_dir = config.data.get("data_dir")
     if source_dir and os.path.abspath(source_dir) == os.path.abspath(out_dir):
         raise ValueError(f"--out must differ from config.data.data_dir ({source_dir}).")
+    if _is_url(out_dir):
+        raise ValueError(f"--out must be a local directory, got {out_dir}; copy it afterwards.")
     written: list[str] = []
     with _recording_loads(out_dir, written):
         methods.build(config)
