@@ -48,9 +48,13 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
     try:
         loading = importlib.import_module("tljax.data.loading")
     except ModuleNotFoundError as err:
-        where = f"exported in {data_dir}" if data_dir is not None else "given a data_dir"
+        exports = (
+            f"it is not exported in {data_dir}"
+            if data_dir is not None
+            else "no data_dir of exported splits was given"
+        )
         raise DatasetUnavailableError(
-            f"Dataset '{name}' split '{split}' is not {where}, and tfds cannot load it: "
+            f"Dataset '{name}' split '{split}' cannot be loaded: {exports}, and tfds cannot: "
             f"{err.name} is not installed. Export it where tfds works with "
             "`python -m tljax.data.export --config=<your config> --out=DIR`, copy DIR here and "
             "pass it as config.data.data_dir."
