@@ -3,6 +3,7 @@
 import dataclasses
 import glob
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tljax import train
+from tljax import run_log, train
 
 
 def _final_params(workdir):
@@ -238,3 +239,14 @@ def test_the_train_step_runs_without_tensorflow():
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert np.isfinite(float(proc.stdout.split("loss")[-1]))
+
+
+def test_without_clu_progress_is_logged_at_the_last_step(caplog):
+    progress = run_log.StepRateLog(num_steps=3, every_secs=3600.0)
+    with caplog.at_level(logging.INFO):
+        for step in (1, 2, 3):
+            progress(step)
+        run_log.LogWriter().write_scalars(3, {"train/loss": np.float32(0.25)})
+    assert "Step 3 of 3:" in caplog.text and "steps/s" in caplog.text
+    assert "Step 2 of 3" not in caplog.text  # only every `every_secs`, and at the end
+    assert "[3] train/loss=0.25" in caplog.text
