@@ -267,6 +267,12 @@ def _torch_run(seed: int, data_dir: str | None, steps: int, batch: int, retain: 
     return dict(run=time.perf_counter() - start, train=out["wall_s"], acc=out["target_accuracy"])
 
 
+def whole_run_shape() -> tuple[int, int]:
+    """(steps, images per domain) of the whole runs: configs/dann.py's, steps from --run_steps."""
+    config = dann_config.get_config()
+    return _RUN_STEPS.value or config.train.steps, config.train.batch_size
+
+
 def full_runs() -> list[str]:
     """Wall time and target accuracy of default configs/dann.py runs, tljax vs PyTorch.
 
@@ -278,8 +284,7 @@ def full_runs() -> list[str]:
         input pipeline, the like-for-like part.
     """
     seeds = [int(s) for s in _SEEDS.value]
-    config = dann_config.get_config()
-    steps, batch = _RUN_STEPS.value or config.train.steps, config.train.batch_size
+    steps, batch = whole_run_shape()
 
     def row(label: str, runs: list[dict]) -> str:
         cells = [
@@ -313,8 +318,8 @@ def main(argv):
     if _SYNTHETIC.value:
         if _FULL_RUN.value:
             raise app.UsageError("--full_run trains on the real data; drop --synthetic for it.")
-        # For this whole process: a module attribute comes before tljax.data's lazy import of
-        # the tfds loader, so TensorFlow is never imported.
+        # Methods call tljax.data.load_split when they are built, so for this whole process
+        # they get random digits and TensorFlow is never imported.
         tljax.data.load_split = synthetic_split
     # As train_and_evaluate does on CPU (see tljax/host.py); PyTorch runs in the same process.
     retained = jax.default_backend() == "cpu" and host.retain_freed_memory()
@@ -358,8 +363,7 @@ def main(argv):
                 f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
             )
     if _FULL_RUN.value:
-        config = dann_config.get_config()
-        steps, batch = _RUN_STEPS.value or config.train.steps, config.train.batch_size
+        steps, batch = whole_run_shape()
         print(
             f"\nWhole default run (configs/dann.py: {steps} steps of {batch}+{batch}, evals, "
             "checkpoints)\n"

@@ -47,9 +47,12 @@ def save_split(
 
     Returns:
       The path written.
+
+    Raises:
+      ValueError: ``root`` is a URL (e.g. ``gs://``).
     """
-    if _is_url(root):
-        raise ValueError(f"Exports go to a local directory; got {root}. Export locally, then copy.")
+    if _is_url(root):  # os.makedirs would make a local "gs:" directory and report success.
+        raise ValueError(f"Exports go to a local directory, got {root}; copy it afterwards.")
     path = split_file(root, name, split)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     np.savez(path, **{key: np.asarray(arrays[key]) for key in _KEYS})
@@ -147,8 +150,6 @@ def export_splits(config, out_dir: str) -> list[str]:
     source_dir = config.data.get("data_dir")
     if source_dir and os.path.abspath(source_dir) == os.path.abspath(out_dir):
         raise ValueError(f"--out must differ from config.data.data_dir ({source_dir}).")
-    if _is_url(out_dir):
-        raise ValueError(f"--out must be a local directory, got {out_dir}; copy it afterwards.")
     written: list[str] = []
     with _recording_loads(out_dir, written):
         methods.build(config)

@@ -36,6 +36,18 @@ MODES = ("progressive", "independent", "finetune")
 KERNEL = (5, 5)
 
 
+def _conv(module: nn.Module, features: int, kernel: tuple[int, int], **kwargs) -> layers.Conv:
+    """A conv layer with ``module``'s ``conv_impl``, ``conv_operands`` and ``dtype``."""
+    return layers.Conv(
+        features,
+        kernel,
+        impl=module.conv_impl,
+        operands=module.conv_operands,
+        dtype=module.dtype,
+        **kwargs,
+    )
+
+
 class Adapter(nn.Module):
     """A lateral connection U sigma(V alpha h) into a layer of `features` outputs.
 
@@ -56,16 +68,6 @@ class Adapter(nn.Module):
     conv_operands: str = "float32"
     dtype: Any = None
 
-    def _conv(self, features: int, kernel: tuple[int, int], **kwargs) -> layers.Conv:
-        return layers.Conv(
-            features,
-            kernel,
-            impl=self.conv_impl,
-            operands=self.conv_operands,
-            dtype=self.dtype,
-            **kwargs,
-        )
-
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
         """The lateral contribution to the receiving layer's pre-activation."""
@@ -73,13 +75,13 @@ class Adapter(nn.Module):
         alpha = self.param("alpha", nn.initializers.uniform(scale=self.alpha_init), (), jnp.float32)
         h = h * alpha.astype(h.dtype)
         if h.ndim == 4:
-            h = self._conv(self.reduced, (1, 1), name="v")(h)
+            h = _conv(self, self.reduced, (1, 1), name="v")(h)
         else:
             h = nn.Dense(self.reduced, dtype=self.dtype, name="v")(h)
         h = nn.relu(h)
         if self.into_conv:
             # No bias: the receiving layer W_i has one.
-            return self._conv(self.features, KERNEL, padding="VALID", use_bias=False, name="u")(h)
+            return _conv(self, self.features, KERNEL, padding="VALID", use_bias=False, name="u")(h)
         return nn.Dense(self.features, use_bias=False, dtype=self.dtype, name="u")(
             h.reshape(h.shape[0], -1)
         )
@@ -140,15 +142,7 @@ class Column(nn.Module):
         h = images
         for i, width in enumerate(self.conv_widths):
             name = f"conv_{i}"
-            pre = layers.Conv(
-                width,
-                KERNEL,
-                padding="VALID",
-                impl=self.conv_impl,
-                operands=self.conv_operands,
-                dtype=self.dtype,
-                name=name,
-            )(h)
+            pre = _conv(self, width, KERNEL, padding="VALID", name=name)(h)
             if i > 0:
                 pre = pre + self._lateral(name, width, True, earlier, i - 1)
             # relu(maxpool(x)) == maxpool(relu(x)); pooling first is cheaper (see digits.py).
