@@ -13,9 +13,14 @@ A config with get_sweep() runs as a sweep (tljax/sweep.py): every point in its o
 
 Compiled programs go to a persistent cache (--compilation_cache), so a later run or sweep
 point with the same shapes and settings loads its train step instead of compiling it.
+
+The log shows tljax's lines and every warning; --verbosity=1 (-v 1) adds the libraries' INFO
+and everyone's DEBUG lines (Orbax, tfds, clu, JAX, TensorFlow).
 """
 
+import contextlib
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -58,11 +63,32 @@ def compilation_cache_dir(flag_value: str | None) -> str | None:
     return os.path.abspath(os.path.expanduser(flag_value)) if flag_value else None
 
 
-def _hide_accelerators_from_tensorflow() -> None:
-    """TensorFlow only feeds tfds: keep it off the accelerators JAX owns. Without TensorFlow
-    (runs on exported splits, see tljax/data/export.py) there is nothing to hide."""
+@contextlib.contextmanager
+def _stderr_discarded():
+    """Sends what C/C++ code writes to stderr (file descriptor 2) to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        import tensorflow as tf
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _hide_accelerators_from_tensorflow(quiet: bool) -> None:
+    """TensorFlow only feeds tfds: keep it off the accelerators JAX owns. Without TensorFlow
+    (runs on exported splits, see tljax/data/export.py) there is nothing to hide.
+
+    Args:
+      quiet: import TensorFlow without the INFO lines its C++ libraries print as they load
+        (oneDNN, CPU features), which TF_CPP_MIN_LOG_LEVEL does not reach.
+    """
+    try:
+        with _stderr_discarded() if quiet else contextlib.nullcontext():
+            import tensorflow as tf
     except ImportError:
         return
     tf.config.set_visible_devices([], "GPU")
@@ -79,7 +105,16 @@ def main(argv):
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
         print("\n".join(sweep.sweep_commands(config_spec, _WORKDIR.value, overrides)))
         return
-    _hide_accelerators_from_tensorflow()
+    quiet = flags.FLAGS.verbosity < 1
+    if quiet:
+        # Read by TensorFlow's and XLA's C++ logging when their libraries load.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    _hide_accelerators_from_tensorflow(quiet)
+    if quiet:
+        # Only now: run_log imports JAX, which has always loaded after TensorFlow here.
+        from tljax import run_log
+
+        run_log.quiet_library_logs()
 
     import jax
 

@@ -1,4 +1,4 @@
-"""Times the conv/pool lowerings of tljax.models.layers on the DANN digit feature extractor.
+"""Times the conv/pool lowerings of tljax.ops on the DANN digit feature extractor.
 
 Workload: NHWC 28x28x3 input, batch 256, conv5x5x32 VALID -> ReLU -> maxpool 2x2/2 ->
 conv5x5x48 VALID -> ReLU -> maxpool 2x2/2; loss = sum of the outputs; gradients w.r.t. all
@@ -30,8 +30,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tljax import host  # noqa: E402
-from tljax.models import layers  # noqa: E402
+from tljax import host, ops  # noqa: E402
 
 # (kernel, cin, cout) of the two convolutions; both VALID, stride 1.
 _CONVS = ((5, 3, 32), (5, 32, 48))
@@ -39,8 +38,8 @@ _CONVS = ((5, 3, 32), (5, 32, 48))
 
 def _digit_features(params, x, impl):
     for i in range(len(_CONVS)):
-        y = layers.conv2d(x, params[f"k{i}"], padding="VALID", impl=impl) + params[f"b{i}"]
-        x = layers.max_pool(jax.nn.relu(y), (2, 2), impl=impl)
+        y = ops.conv2d(x, params[f"k{i}"], padding="VALID", impl=impl) + params[f"b{i}"]
+        x = ops.max_pool(jax.nn.relu(y), (2, 2), impl=impl)
     return x
 
 
@@ -67,7 +66,7 @@ def _layer_table(impls: list[str], iters: int, warmup: int) -> None:
             impl: jax.jit(
                 jax.grad(
                     lambda x, w, impl=impl, pad=padding: jnp.sum(
-                        layers.conv2d(x, w, 1, pad, impl) ** 2
+                        ops.conv2d(x, w, 1, pad, impl) ** 2
                     ),
                     argnums=(0, 1),
                 )
@@ -76,7 +75,7 @@ def _layer_table(impls: list[str], iters: int, warmup: int) -> None:
         }
         times = _time_interleaved(fns, (x, kernel), iters, warmup)
         cells = " | ".join(f"{times[impl][0]:.1f}" for impl in impls)
-        picked = layers.conv_lowering("auto", kernel.shape, (1, 1))
+        picked = ops.conv_lowering("auto", kernel.shape, (1, 1))
         print(f"| {name} | {shape[0]} | {cells} | {picked} |")
 
 

@@ -6,9 +6,9 @@
 Pretrains one source model (configs/pretrain.py) and fine-tunes it on k labelled target
 examples per class with every variant of configs/finetune.py, for each k and seed (the seed
 draws the k shots and initialises new layers). Every run has its own workdir under --out, so an
-interrupted benchmark resumes where it stopped. Writes <out>/finetune_shots.md (the table) and
-<out>/finetune_shots.png (accuracy vs k per variant, error bars = std over seeds), and prints
-the table.
+interrupted benchmark resumes where it stopped. Prints the table and writes it, with a figure
+of accuracy vs k per variant (error bars = std over seeds), to docs/results/finetune_shots.md
+and .png (--page; --page= for none).
 """
 
 import os
@@ -20,6 +20,9 @@ from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import results_page  # noqa: E402
 
 from configs import finetune, pretrain  # noqa: E402
 
@@ -28,7 +31,9 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (shot draw and new-l
 _VARIANTS = flags.DEFINE_list("variants", list(finetune.VARIANTS), "configs/finetune.py variants.")
 _DATA = flags.DEFINE_string("data", "embedded", "Dataset pair (configs/dann.py DATASETS).")
 _OUT = flags.DEFINE_string("out", "runs/finetune_shots", "Root of the per-run workdirs.")
-_FIGURE_DIR = flags.DEFINE_string("figure_dir", None, "Also copy the table and PNG here.")
+_PAGE = flags.DEFINE_string(
+    "page", results_page.default_page("finetune_shots"), "Results page to write ('': none)."
+)
 
 
 def run(name: str, config) -> dict:
@@ -87,6 +92,7 @@ def plot(accuracy: dict, source_only: float, path: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
 
 
 def main(argv):
@@ -111,19 +117,43 @@ def main(argv):
                 )
                 wall.append(results["wall_time_s"])
     text = table(accuracy, source_only, pretrained)
-    steps = finetune.get_config().train.steps
+    config = finetune.get_config()
     header = (
-        f"Target (MNIST-M-style) test accuracy, mean ± std over seeds {_SEEDS.value}; "
-        f"{steps} fine-tuning steps per run, mean {np.mean(wall):.0f} s per run.\n\n"
+        f"Target (MNIST-M-style) test accuracy, mean ± std over seeds {', '.join(_SEEDS.value)}; "
+        f"{config.train.steps} fine-tuning steps per run, mean {np.mean(wall):.0f} s per run.\n\n"
     )
     os.makedirs(_OUT.value, exist_ok=True)
-    outputs = [_OUT.value] + ([_FIGURE_DIR.value] if _FIGURE_DIR.value else [])
-    for directory in outputs:
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "finetune_shots.md"), "w") as f:
-            f.write(header + text + "\n")
-        plot(accuracy, source_only, os.path.join(directory, "finetune_shots.png"))
+    with open(os.path.join(_OUT.value, "finetune_shots.md"), "w") as f:
+        f.write(header + text + "\n")
     print("\n" + header + text)
+    if not _PAGE.value:
+        return
+    figure = results_page.figure_path(_PAGE.value)
+    plot(accuracy, source_only, figure)
+    results_page.write_page(
+        _PAGE.value,
+        "Few-shot fine-tuning: MNIST → MNIST-M-style digits from k labels per class",
+        text,
+        figure=figure,
+        settings=(
+            f"One source model (configs/pretrain.py:data={_DATA.value}, "
+            f"{pretrain_config.train.steps} steps on the source digits) is fine-tuned on k "
+            "labelled digits per class of the target domain with every variant of "
+            f"configs/finetune.py ({config.train.steps} steps of {config.train.batch_size}, the "
+            "same budget for every variant; `freeze`/`copy` use the first 2 layers, the two "
+            "convolutions). Target test accuracy (1,000 MNIST-M-style digits), mean ± std "
+            f"(ddof=0) over seeds {', '.join(_SEEDS.value)}: the seed draws the k shots (nested "
+            "for growing k) and initialises new layers. Mean wall time per fine-tuning run: "
+            f"{np.mean(wall):.0f} s on shared cores."
+        ),
+        notes=(
+            "Variants: `scratch` (no transfer), `finetune` (copy all, train all), `freeze` "
+            "(train above the frozen layers), `copy` (copy the layers, re-initialise the rest), "
+            "`l2sp` (L2-SP, Li et al. 2018), `output` (distillation towards the starting "
+            "network's outputs, as in LwF), `feature` (L2 between features). The last row is "
+            "the pretrained network evaluated on the target without fine-tuning."
+        ),
+    )
 
 
 if __name__ == "__main__":

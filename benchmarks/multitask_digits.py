@@ -9,7 +9,8 @@ labelled examples per class, so it can borrow from the first task through the sh
 Each single-task baseline is the same network trained on its task's slice alone (same slice
 size, same steps); each multi-task run shares the conv trunk (`sharing=lower`). Every run has its
 own workdir under --out, so an interrupted benchmark resumes where it stopped. Writes
-<out>/multitask_digits.md and prints the table.
+<out>/multitask_digits.md and docs/results/multitask.md (--page; --page= for none) and prints
+the table.
 """
 
 import os
@@ -20,6 +21,9 @@ from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import results_page  # noqa: E402
 
 from configs import multitask  # noqa: E402
 
@@ -28,6 +32,9 @@ _STEPS = flags.DEFINE_integer("steps", 400, "Training steps per run.")
 _SHOTS = flags.DEFINE_integer("shots", 20, "Labelled mnist_m examples per class (0: all).")
 _SHARING = flags.DEFINE_string("sharing", "lower", "configs/multitask.py sharing variant.")
 _OUT = flags.DEFINE_string("out", "runs/multitask_digits", "Root of the per-run workdirs.")
+_PAGE = flags.DEFINE_string(
+    "page", results_page.default_page("multitask"), "Results page to write ('': none)."
+)
 
 TASKS = ("mnist", "mnist_m")
 # (row label, config variant); single-task rows train one task with its multi-task slice size.
@@ -107,7 +114,8 @@ def main(argv):
             name = f"{variant.replace('=', '_')}_seed{seed}"
             all_results.setdefault(label, []).append(run(name, variant, seed))
     header = (
-        f"Test accuracy, mean ± std over seeds {_SEEDS.value}; {_STEPS.value} steps of 32 mnist "
+        f"Test accuracy, mean ± std (ddof=0) over seeds {', '.join(_SEEDS.value)}; "
+        f"{_STEPS.value} steps of 32 mnist "
         f"+ 32 mnist_m images (single-task: 32 of its task), mnist_m limited to {_SHOTS.value} "
         f"labelled examples per class, sharing={_SHARING.value}. Weights and gradient cosine: "
         "means over the last logging window (train.log_every = 100 steps).\n\n"
@@ -117,6 +125,20 @@ def main(argv):
     with open(os.path.join(_OUT.value, "multitask_digits.md"), "w") as f:
         f.write(text + "\n")
     print("\n" + text)
+    results_page.write_page(
+        _PAGE.value,
+        "Multi-task learning: MNIST + data-poor MNIST-M",
+        table(all_results),
+        settings=header.strip()
+        + " Wall time per run on cores shared with other jobs. Single-task rows train the "
+        "same network on their task's slice alone for the same steps.",
+        notes=(
+            "`fixed`: Σ w_i L_i; `uncertainty`: Kendall et al. (2018), Σ exp(−s_i) L_i + s_i/2; "
+            "`gradnorm`: Chen et al. (2018); `pcgrad`: Yu et al. (2020), each task's gradient "
+            "on the shared params projected off conflicting ones. The gradient cosine is "
+            "between the two tasks' gradients on the shared parameters."
+        ),
+    )
 
 
 if __name__ == "__main__":

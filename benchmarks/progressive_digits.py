@@ -14,7 +14,8 @@ variant); tasks 1 and 2 are each trained from the previous task's checkpoint wit
 Reports every task's test accuracy after the last task (and right after it was learned), whether
 the earlier tasks' accuracies are exactly unchanged, and parameters per column. Every run has its
 own workdir under --out, so an interrupted benchmark resumes where it stopped. Writes
-<out>/progressive_digits.md and prints the tables.
+<out>/progressive_digits.md and docs/results/progressive.md (--page; --page= for none) and
+prints the tables.
 """
 
 import os
@@ -25,12 +26,18 @@ from absl import app, flags, logging
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+import results_page  # noqa: E402
 
 from configs import progressive  # noqa: E402
 
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (initialisation and batch order).")
 _STEPS = flags.DEFINE_integer("steps", 200, "Training steps per task.")
 _OUT = flags.DEFINE_string("out", "runs/progressive_digits", "Root of the per-run workdirs.")
+_PAGE = flags.DEFINE_string(
+    "page", results_page.default_page("progressive"), "Results page to write ('': none)."
+)
 
 TASKS = progressive.SEQUENCE
 VARIANTS = progressive.VARIANTS
@@ -147,7 +154,8 @@ def main(argv):
             results[variant].append([task_results for task_results, _ in runs])
             workdirs[variant].append([workdir for _, workdir in runs])
     header = (
-        f"Test accuracy, mean ± std over seeds {_SEEDS.value}; {_STEPS.value} steps of 64 "
+        f"Test accuracy, mean ± std (ddof=0) over seeds {', '.join(_SEEDS.value)}; "
+        f"{_STEPS.value} steps of 64 "
         "images per task; task 0 is the same run for every variant.\n\n"
     )
     text = (
@@ -160,6 +168,20 @@ def main(argv):
     with open(os.path.join(_OUT.value, "progressive_digits.md"), "w") as f:
         f.write(text + "\n")
     print("\n" + text)
+    results_page.write_page(
+        _PAGE.value,
+        "Progressive networks: digits 0–4 → digits 5–9 → MNIST-M",
+        text[len(header) :],
+        settings=header.strip()
+        + " Each accuracy cell: the task's test accuracy right after it was learned → after "
+        'task 2. "Earlier params bit-identical" compares every parameter of every earlier '
+        "run with the later runs' checkpoints. Wall time on cores shared with other jobs.",
+        notes=(
+            "`progressive`: a new column per task with Rusu et al.'s lateral adapters from every "
+            "earlier column, earlier columns frozen; `independent`: a new column without "
+            "adapters; `finetune`: one trunk fine-tuned on each task with a new head."
+        ),
+    )
 
 
 if __name__ == "__main__":

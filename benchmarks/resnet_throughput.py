@@ -11,7 +11,8 @@ needed, no TensorFlow), so the figure is the step's compute and nothing else.
 
 Prints a markdown table: ms/step (median of single steps), images/s, XLA's FLOP count of the
 compiled step, achieved TFLOP/s and, where the device's peak is known (or --peak_tflops is
-given), the model-FLOP utilisation against the dense bf16 peak.
+given), the model-FLOP utilisation against the dense bf16 peak, and writes it to
+docs/results/resnet_throughput.md (--page; --page= for none).
 """
 
 import os
@@ -25,10 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import results_page  # noqa: E402
 import step_timing  # noqa: E402
 
 import tljax.data  # noqa: E402
 from configs import pretrain  # noqa: E402
+from tljax import flops as flops_lib  # noqa: E402
 from tljax import methods, optim, parallel, train  # noqa: E402
 from tljax.data import pipeline  # noqa: E402
 
@@ -38,6 +41,9 @@ _BATCH = flags.DEFINE_integer("batch", 64, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 20, "Timed steps.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "model.dtype values to time.")
 _PEAK = flags.DEFINE_float("peak_tflops", None, "Dense bf16 peak of the device, TFLOP/s.")
+_PAGE = flags.DEFINE_string(
+    "page", results_page.default_page("resnet_throughput"), "Results page to write ('': none)."
+)
 
 # Dense bf16 tensor-core peaks (vendor datasheets, SXM parts), keyed by jax device_kind.
 KNOWN_PEAK_TFLOPS = {"NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H200": 989.0}
@@ -77,7 +83,7 @@ def time_step(dtype: str) -> dict[str, float]:
     batches.close()
     step_fn = train.make_train_step(method, optimizer, schedule)
     compiled, compile_s = train.compile_train_step(step_fn, state, batch, mesh)
-    flops = compiled.cost_analysis().get("flops", float("nan"))
+    flops = flops_lib.compiled_flops(compiled)
     ms, _ = step_timing.median_step_ms(compiled, state, lambda: batch, _STEPS.value, warmup=3)
     return dict(ms=ms, flops=flops, compile_s=compile_s)
 
@@ -88,21 +94,40 @@ def main(argv):
     tljax.data.load_split = random_split
     device = jax.devices()[0]
     peak = _PEAK.value or KNOWN_PEAK_TFLOPS.get(device.device_kind)
-    print(
-        f"\n{_MODEL.value} fine-tuning step, {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, batch "
+    header = (
+        f"{_MODEL.value} fine-tuning step, {_IMAGE_SIZE.value}x{_IMAGE_SIZE.value}, batch "
         f"{_BATCH.value}, {jax.device_count()} x {device.device_kind}; bf16 peak: "
-        f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown'}\n"
+        f"{f'{peak:.0f} TFLOP/s' if peak else 'unknown'}"
     )
-    print("| model.dtype | ms/step | images/s | GFLOP/step (XLA) | TFLOP/s | MFU | compile s |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"\n{header}\n")
+    lines = [
+        "| model.dtype | ms/step | images/s | GFLOP/step (XLA) | TFLOP/s | MFU | compile s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines))
     for dtype in _DTYPES.value:
         r = time_step(dtype)
-        tflops = r["flops"] / r["ms"] * 1e-9
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
-        print(
+        gflops = flops_lib.gflops_per_s(r["flops"], r["ms"])
+        tflops = None if gflops is None else gflops / 1e3
+        mfu = flops_lib.percent_of(tflops, peak)
+        gflop = None if r["flops"] is None else r["flops"] / 1e9
+        lines.append(
             f"| {dtype} | {r['ms']:.1f} | {_BATCH.value / r['ms'] * 1e3:.0f} "
-            f"| {r['flops'] / 1e9:.0f} | {tflops:.2f} | {mfu} | {r['compile_s']:.1f} |"
+            f"| {flops_lib.fmt(gflop)} | {flops_lib.fmt(tflops, '.2f')} "
+            f"| {flops_lib.fmt(mfu, '.1f', '%')} | {r['compile_s']:.1f} |"
         )
+        print(lines[-1], flush=True)
+    results_page.write_page(
+        _PAGE.value,
+        f"{_MODEL.value} fine-tuning throughput",
+        header + ":\n\n" + "\n".join(lines),
+        settings=(
+            "The configs/pretrain.py train step with a ResNet (frozen BatchNorm, SGD with "
+            "momentum, a new 10-class head) on random images, so the figure is the step's "
+            f"compute only; median of {_STEPS.value} single steps. MFU is XLA's FLOP count of "
+            "the compiled step per second against the device's dense bf16 peak."
+        ),
+    )
 
 
 if __name__ == "__main__":

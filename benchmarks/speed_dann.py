@@ -12,13 +12,14 @@
       --full_run --seeds=0,1,2   # on a GPU: splits exported by tljax.data.export, no tfds
 
 Lowerings: xla (lax.conv), im2col, winograd (every stride-1 conv), auto (what configs use on
-CPU: Winograd where it is faster, im2col elsewhere; see tljax/models/layers.py).
+CPU: Winograd where it is faster, im2col elsewhere; see tljax/ops/conv.py).
 
 Prints markdown tables: ms/step (median of single steps, for both frameworks) and images/s
 for B source + B target images on a fixed in-memory batch (pure compute) and through the
 real input pipeline,
 achieved GFLOP/s (XLA's FLOP count of the compiled step) against a measured
-fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine.
+fp32 matmul rate, compile time, and the ratio to PyTorch on the same machine, and writes them
+to docs/results/dann_speed.md (--page; --page= for none).
 """
 
 import itertools
@@ -31,23 +32,24 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
+import results_page  # noqa: E402
 import step_timing  # noqa: E402
 
 import tljax.data  # noqa: E402
 from configs import dann as dann_config  # noqa: E402
+from tljax import flops as flops_lib  # noqa: E402
 from tljax import host, methods, optim, parallel, train  # noqa: E402
-from tljax.data import pipeline  # noqa: E402
+from tljax.data import pipeline, synthetic  # noqa: E402
 
 _BATCHES = flags.DEFINE_list("batches", ["128", "64"], "Images per domain per step.")
 _IMPLS = flags.DEFINE_list(
-    "impls", ["xla", "im2col", "winograd", "auto"], "Conv lowerings (xla first: FLOPs)."
+    "impls", ["xla", "im2col", "winograd", "auto"], "Conv lowerings, in any order."
 )
 _OPERANDS = flags.DEFINE_list(
     "conv_operands", ["float32"], "Conv matmul operand dtypes (model.conv_operands) to time."
@@ -71,6 +73,9 @@ _SYNTHETIC = flags.DEFINE_bool(
     False,
     "Step table on random digits of the embedded splits' shapes, without tfds or TensorFlow "
     "(e.g. on an accelerator image that lacks them).",
+)
+_PAGE = flags.DEFINE_string(
+    "page", results_page.default_page("dann_speed"), "Results page to write ('': none)."
 )
 
 
@@ -96,13 +101,9 @@ def matmul_gflops(n: int = 1024, reps: int = 20, dtype=jnp.float32) -> float:
     return 2 * n**3 / statistics.median(times) / 1e9
 
 
-def synthetic_split(name: str, split: str, data_dir=None) -> dict[str, np.ndarray]:
-    """Random digits shaped like the embedded split ``tljax.data.load_split(name, split)``:
-    4000 train or 1000 test images, 28x28, grey for MNIST and colour for MNIST-M."""
-    del data_dir
-    channels = 3 if name.endswith("mnist_m") else 1
-    n = 4000 if split == "train" else 1000
-    return step_timing.random_labelled_images(n, (28, 28, channels), num_classes=10)
+# Random digits shaped like the embedded splits (4000 train / 1000 test, 28x28, grey for MNIST,
+# colour for MNIST-M): the --synthetic replacement of tljax.data.load_split.
+synthetic_split = synthetic.random_digits_split
 
 
 def precisions() -> list[tuple[str, str]]:
@@ -131,20 +132,21 @@ def time_tljax(impl: str, batch: int, operands: str = "float32", dtype: str = "f
     """ms/step (median of single steps) of the compiled DANN step, fixed batch and real pipeline.
 
     Args:
-        impl: conv lowering (a key of layers.CONV_IMPLS).
+        impl: conv lowering (a key of tljax.ops.CONV_IMPLS).
         batch: images per domain.
         operands: conv matmul operand dtype (model.conv_operands).
         dtype: computation dtype (model.dtype).
 
     Returns:
-        Dict with ms_fixed, ms_pipeline, gflop (XLA's count for this lowering), compile_s.
+        Dict with ms_fixed, ms_pipeline, flops (XLA's count for this lowering, None where XLA
+        gives none), compile_s.
     """
     config, method, optimizer, step_fn, mesh = dann_setup(impl, batch, operands, dtype)
     state = train.create_train_state(method, optimizer, 0, mesh)
     batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
     fixed = next(batches)
     compiled, compile_s = train.compile_train_step(step_fn, state, fixed, mesh)
-    flops = compiled.cost_analysis().get("flops", float("nan"))
+    flops = flops_lib.compiled_flops(compiled)
 
     def timed(next_batch):
         nonlocal state
@@ -154,7 +156,7 @@ def time_tljax(impl: str, batch: int, operands: str = "float32", dtype: str = "f
     ms_fixed = timed(lambda: fixed)
     ms_pipeline = timed(lambda: next(batches))
     batches.close()
-    return dict(ms_fixed=ms_fixed, ms_pipeline=ms_pipeline, gflop=flops / 1e9, compile_s=compile_s)
+    return dict(ms_fixed=ms_fixed, ms_pipeline=ms_pipeline, flops=flops, compile_s=compile_s)
 
 
 def measure_round(batch: int, settings: list[tuple[str, str, str]]) -> dict:
@@ -193,17 +195,19 @@ def torch_label() -> str:
 
 
 def _median_fields(results: list[dict]) -> dict:
-    return {key: statistics.median(r[key] for r in results) for key in results[0]}
+    """Per key, the median over rounds (None where a round has no value, e.g. no FLOP count)."""
+    values = {key: [r[key] for r in results] for key in results[0]}
+    return {k: None if None in v else statistics.median(v) for k, v in values.items()}
 
 
-def standard_gflop(batch: int) -> float:
-    """XLA's FLOP count (GFLOP) of the DANN step with the standard lowering (compiled, not run)."""
+def standard_flops(batch: int) -> float | None:
+    """XLA's FLOP count of the fp32 DANN step with the standard lowering (compiled, not run)."""
     _, method, optimizer, step_fn, mesh = dann_setup("xla", batch)
     state = train.create_train_state(method, optimizer, 0, mesh)
     batches = pipeline.train_batches(method.train_streams, 0, 0, mesh)
     compiled, _ = train.compile_train_step(step_fn, state, next(batches), mesh)
     batches.close()
-    return compiled.cost_analysis()["flops"] / 1e9
+    return flops_lib.compiled_flops(compiled)
 
 
 def _tljax_label(label: str, operands: str, dtype: str) -> str:
@@ -313,6 +317,42 @@ def full_runs() -> list[str]:
     return rows
 
 
+def step_rows(batch: int, settings: list[tuple[str, str, str]], rounds: list[dict], mm: float):
+    """Markdown rows of the step table for one batch size, from measure_round's rounds.
+
+    Every lowering's GFLOP/s is its step time against the standard lowering's FLOP count
+    (tljax/flops.py): XLA does not count the FLOPs inside the loops of the im2col lowering's
+    chunked backward, and the work is the same. The count is the fp32 ``xla`` row's when that
+    was timed, in whatever position of --impls, and is compiled for otherwise.
+    """
+    medians = {s: _median_fields([r[s] for r in rounds]) for s in settings}
+    counts = {
+        impl: r["flops"]
+        for (impl, operands, dtype), r in medians.items()
+        if (operands, dtype) == ("float32", "float32")
+    }
+    model = flops_lib.model_flops(counts, lambda: standard_flops(batch))
+    torch_ms = statistics.median(r["torch"] for r in rounds) if _TORCH.value else None
+    rows = []
+    for impl, operands, dtype in settings:
+        r = medians[impl, operands, dtype]
+        rate = flops_lib.gflops_per_s(model, r["ms_fixed"])
+        ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
+        rows.append(
+            f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands, dtype)} "
+            f"| {r['ms_fixed']:.1f} | {2 * batch / r['ms_fixed'] * 1e3:.0f} "
+            f"| {r['ms_pipeline']:.1f} | {flops_lib.fmt(rate)} "
+            f"| {flops_lib.fmt(flops_lib.percent_of(rate, mm), '.0f', '%')} "
+            f"| {r['compile_s']:.1f} | {ratio} |"
+        )
+    if torch_ms:
+        rows.append(
+            f"| {batch}+{batch} | {torch_label()} eager ({torch_device()}) | {torch_ms:.1f} | "
+            f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
+        )
+    return rows
+
+
 def main(argv):
     del argv
     if _SYNTHETIC.value:
@@ -326,54 +366,59 @@ def main(argv):
     device = jax.devices()[0]
     mm = matmul_gflops()
     mm_bf16 = matmul_gflops(dtype=jnp.bfloat16)
-    print(
-        f"\nDANN train step, {jax.device_count()} x {device.device_kind} "
+    header = (
+        f"DANN train step, {jax.device_count()} x {device.device_kind} "
         f"({jax.default_backend()}), {os.cpu_count()} CPU cores; fp32 matmul {mm:.0f} GFLOP/s "
         f"(bf16 operands, fp32 accumulation: {mm_bf16:.0f}); "
-        f"glibc keeps freed memory (tljax/host.py, both frameworks): {retained}\n"
+        f"glibc keeps freed memory (tljax/host.py, both frameworks): {retained}"
     )
-    print(
+    print(f"\n{header}\n", flush=True)
+    lines = [
         "| B+B | impl | ms/step (fixed batch) | images/s | ms/step (pipeline) | GFLOP/s "
-        "| % of matmul | compile s | vs PyTorch |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
+        "| % of matmul | compile s | vs PyTorch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
     settings = [(impl, *precision) for impl in _IMPLS.value for precision in precisions()]
     for batch in map(int, _BATCHES.value):
-        # Model FLOPs come from the standard lowering: XLA does not count the FLOPs inside
-        # the loops of the im2col lowering's chunked backward, and the work is the same.
-        model_gflop = None if "xla" in _IMPLS.value else standard_gflop(batch)
-        torch_ms = None
         rounds = [measure_round(batch, settings) for _ in range(_ROUNDS.value)]
-        if _TORCH.value:
-            torch_ms = statistics.median(r["torch"] for r in rounds)
-        for impl, operands, dtype in settings:
-            r = _median_fields([r[impl, operands, dtype] for r in rounds])
-            model_gflop = model_gflop or (r["gflop"] if impl == "xla" else None)
-            rate = (model_gflop or float("nan")) / r["ms_fixed"] * 1e3
-            ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
-            print(
-                f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands, dtype)} "
-                f"| {r['ms_fixed']:.1f} | "
-                f"{2 * batch / r['ms_fixed'] * 1e3:.0f} | {r['ms_pipeline']:.1f} | {rate:.0f} "
-                f"| {100 * rate / mm:.0f}% | {r['compile_s']:.1f} | {ratio} |"
-            )
-        if torch_ms:
-            print(
-                f"| {batch}+{batch} | {torch_label()} eager ({torch_device()}) | {torch_ms:.1f} | "
-                f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
-            )
+        rows = step_rows(batch, settings, rounds, mm)
+        print("\n".join(rows), flush=True)
+        lines += rows
+    tables = [header + ":", "\n".join(lines)]
     if _FULL_RUN.value:
         steps, batch = whole_run_shape()
-        print(
-            f"\nWhole default run (configs/dann.py: {steps} steps of {batch}+{batch}, evals, "
-            "checkpoints)\n"
-        )
-        print(
+        whole = [
+            f"Whole default run (configs/dann.py: {steps} steps of {batch}+{batch}, evals, "
+            "checkpoints), each in a fresh process, mean ± std over seeds "
+            f"{', '.join(_SEEDS.value)}:",
             "| framework | whole run | training loop | setup | compile | evals | checkpoints "
-            "| target test acc | seeds |"
-        )
-        print("|---|---|---|---|---|---|---|---|---|")
-        print("\n".join(full_runs()))
+            "| target test acc | seeds |\n|---|---|---|---|---|---|---|---|---|\n"
+            + "\n".join(full_runs()),
+        ]
+        print("\n" + "\n\n".join(whole))
+        tables += whole
+    results_page.write_page(
+        _PAGE.value,
+        "DANN train step speed: tljax vs PyTorch",
+        "\n\n".join(tables),
+        settings=(
+            f"The configs/dann.py train step for B source + B target images, {_STEPS.value} "
+            f"timed steps (median of single steps, both frameworks), {_ROUNDS.value} "
+            'interleaved round(s) per row (median). "fixed batch" reuses one in-memory batch '
+            '(pure compute); "pipeline" draws real batches. GFLOP/s counts the standard '
+            "lowering's FLOPs (XLA's count) for every row; \"% of matmul\" compares it with the "
+            "measured fp32 matmul rate above."
+        ),
+        notes=(
+            "Lowerings (`model.conv_impl`): `xla` is `lax.conv`; `im2col` and `winograd` are "
+            "tljax's CPU lowerings (every stride-1 conv for `winograd`); `auto`, what every "
+            "config uses, picks per layer on CPU and `xla` on accelerators. Speed on a "
+            "shared CPU moves between runs; the ratio to PyTorch in the same run is the stable "
+            "figure. Earlier measurements on other machines: "
+            "[cpu_speed_history.md](cpu_speed_history.md)."
+        ),
+    )
 
 
 if __name__ == "__main__":

@@ -4,31 +4,8 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
-
-def random_labelled_images(
-    n: int, image_shape: tuple[int, int, int], num_classes: int, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Random uint8 images and int32 labels in ``tljax.data.load_split``'s layout.
-
-    A step's cost depends on the shapes only, so benchmarks can run on these where no dataset
-    (or no TensorFlow) is available.
-
-    Args:
-        n: number of examples.
-        image_shape: (height, width, channels).
-        num_classes: labels are drawn from 0..num_classes-1.
-        seed: numpy seed.
-
-    Returns:
-        {'image': uint8 (n, *image_shape), 'label': int32 (n,)}.
-    """
-    rng = np.random.default_rng(seed)
-    return {
-        "image": rng.integers(0, 256, (n, *image_shape), dtype=np.uint8),
-        "label": rng.integers(0, num_classes, n).astype(np.int32),
-    }
+from tljax.data.synthetic import random_labelled_images  # noqa: F401  (re-exported)
 
 
 def median_step_ms(compiled, state, next_batch, steps: int, warmup: int = 5):

@@ -10,8 +10,9 @@ Variants (after ':', comma separated):
   adversarial=False        source-only baseline (configs/source_only.py).
   seed=N
 
-Expected (embedded, 3000 steps, see README "Results"): target accuracy rises from
-about 0.45 (source only) to about 0.65+ with DANN.
+Reproduces (embedded, 3000 steps, seeds 0-2, docs/results/dann_accuracy.md): target test
+accuracy 0.590 ± 0.012 with DANN, against 0.478 ± 0.017 source only and 0.911 ± 0.003 target
+only.
 """
 
 import ml_collections
@@ -48,7 +49,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             channels=3,
             conv_impl="auto",
             # 'bfloat16': bf16 matmul operands in the im2col convolutions, fp32 accumulation
-            # and activations (README "Speed"); float32 is exact.
+            # and activations (docs/experiments.md); float32 is exact.
             conv_operands="float32",
             dtype="float32",
             microbatch="auto",

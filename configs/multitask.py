@@ -25,9 +25,9 @@ Variants (after ':', comma separated):
 
 Any sharing pattern can be given directly: --config.multitask.shared='("first:2",)'.
 
-Measured (benchmarks/multitask_digits.py: 400 steps, shots=20, seeds 0-1; README "Results"):
-mnist_m test accuracy 0.656 single-task -> 0.688 fixed, 0.704 GradNorm, 0.692 PCGrad, 0.627
-uncertainty weighting; mnist stays at about 0.965 in every case.
+Reproduces (benchmarks/multitask_digits.py: 400 steps, shots=20, seeds 0-1;
+docs/results/multitask.md): mnist_m test accuracy 0.653 single-task -> 0.694 fixed, 0.708
+GradNorm, 0.692 PCGrad, 0.634 uncertainty weighting; mnist stays at 0.966-0.968 in every case.
 """
 
 import ml_collections
@@ -106,7 +106,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             channels=3,
             label_widths=(100, 100),
             conv_impl="auto",
-            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (README "Speed").
+            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (docs/experiments.md).
             conv_operands="float32",
             dtype="float32",
         )

@@ -67,7 +67,7 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
             image_size=(28, 28),
             channels=3,
             conv_impl="auto",
-            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (README "Speed").
+            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (docs/experiments.md).
             conv_operands="float32",
             dtype="float32",
             # 'imagenet' for converted ImageNet ResNets (model.name='resnet50', BUILD.md).

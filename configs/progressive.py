@@ -23,10 +23,10 @@ Variants (after ':', comma separated):
   init_from=DIR      the previous task's workdir (default runs/progressive/<variant>/task<K-1>)
   data=embedded|full, seed=N
 
-Measured (benchmarks/progressive_digits.py: 200 steps per task, seeds 0-1; README "Results"):
-progressive and independent columns keep digits04 at 0.973 and digits59 at 0.966 / 0.967 exactly
-through task 2; fine-tuning reaches 0.843 on mnist_m (progressive 0.669, independent 0.677) but
-drops digits04 to 0.838 and digits59 to 0.868.
+Reproduces (benchmarks/progressive_digits.py: 200 steps per task, seeds 0-1;
+docs/results/progressive.md): progressive and independent columns keep digits04 at 0.973 and
+digits59 at 0.966 / 0.969 exactly through task 2; fine-tuning reaches 0.851 on mnist_m
+(progressive 0.668, independent 0.674) but drops digits04 to 0.892 and digits59 to 0.900.
 """
 
 import ml_collections
@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             conv_widths=(32, 48),
             dense_widths=(100, 100),
             conv_impl="auto",
-            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (README "Speed").
+            # 'bfloat16': bf16 conv matmul operands, fp32 accumulation (docs/experiments.md).
             conv_operands="float32",
             dtype="float32",
         )

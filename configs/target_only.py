@@ -3,7 +3,8 @@
   python launch.py --config=configs/target_only.py --workdir=runs/target_only
 
 Takes the same variants as configs/dann.py (data=embedded|full, seed=N).
-Expected: the paper's .9596 on full MNIST-M; the upper bound for DANN on the same data.
+Reproduces (embedded, 3000 steps, seeds 0-2, docs/results/dann_accuracy.md): target test
+accuracy 0.911 ± 0.003 (paper, full MNIST-M: .9596); the upper bound for DANN on the same data.
 """
 
 from configs import dann

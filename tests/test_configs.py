@@ -4,13 +4,14 @@ import glob
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
 import jax
 import jax.numpy as jnp
 import pytest
-from conftest import conv_operand_dtypes, shrink
+from helpers import conv_operand_dtypes, shrink
 
 from tljax import methods
 from tljax.config_utils import parse_arg
@@ -24,39 +25,231 @@ CONFIGS = sorted(
 )
 
 
+def _field(config, dotted: str):
+    """config.a.b.c for 'a.b.c', as plain Python (ConfigDicts become dicts)."""
+    value = config
+    for name in dotted.split("."):
+        value = value[name]
+    return value.to_dict() if hasattr(value, "to_dict") else value
+
+
 @pytest.mark.parametrize("name", CONFIGS)
-def test_every_config_loads_with_its_required_blocks(name):
-    config = importlib.import_module(f"configs.{name}").get_config()
-    for block in (
-        "method",
-        "seed",
-        "data",
-        "model",
-        "train",
-        "optimizer",
-        "lr",
-        "eval",
-        "checkpoint",
-    ):
-        assert block in config, f"configs/{name}.py has no {block!r}"
+def test_every_config_builds_its_method_optimizer_and_schedule(name, data_dir):
+    """What launch.py does with every config before the first step: the method builds on the
+    embedded data, its batches have train.batch_size rows (per domain for DANN), its params
+    take the config's optimizer, and the learning rate starts at lr.base."""
+    from tljax import optim
+
+    config = shrink(importlib.import_module(f"configs.{name}").get_config(), data_dir, batch_size=8)
+    method = methods.build(config)
+    schedule = optim.make_schedule(config.lr, config.train.steps)
+    optimizer = optim.make_optimizer(config.optimizer, schedule)
+    params = jax.eval_shape(method.init_params, jax.random.key(config.seed))
+    jax.eval_shape(optimizer.init, params)
+    assert float(schedule(0)) == pytest.approx(config.lr.base)
+
+    batch = host_batch(method.train_streams, seed=config.seed, step=0)
+    domains = 2 if config.method == "dann" and config.dann.adversarial else 1
+    assert sum(len(v) for k, v in batch.items() if k.endswith(("_image", "_patch"))) == (
+        domains * config.train.batch_size
+    )
+    assert method.eval_sets, f"configs/{name}.py evaluates nothing"
+    for eval_set in method.eval_sets.values():
+        assert len(next(iter(eval_set.values()))) > 0
 
 
-def test_variants():
-    from configs import dann, source_only, target_only
+# Each config's documented variants (its docstring) and what they set.
+DOCUMENTED_VARIANTS = [
+    ("dann", "data=full", {"data.source": "mnist", "data.target": "mnist_m"}),
+    ("dann", "adversarial=False,seed=3", {"dann.adversarial": False, "seed": 3}),
+    ("source_only", "data=full,seed=3", {"dann.adversarial": False, "data.source": "mnist"}),
+    ("target_only", "data=full", {"data.source": "mnist_m", "data.target": "mnist_m"}),
+    ("pretrain", "classes=0-4", {"data.classes": (0, 1, 2, 3, 4), "model.num_classes": 5}),
+    ("pretrain", "classes=1/3/5,seed=2", {"data.classes": (1, 3, 5), "seed": 2}),
+    (
+        "finetune",
+        "variant=freeze,layers=1,shots=1",
+        {
+            "transfer.init_from": "runs/pretrain",
+            "transfer.copy": ("*",),
+            "transfer.freeze": ("first:1",),
+            "data.shots_per_class": 1,
+        },
+    ),
+    ("finetune", "variant=scratch", {"transfer.init_from": None, "data.shots_per_class": 10}),
+    ("finetune", "variant=copy", {"transfer.copy": ("first:2",), "transfer.freeze": ()}),
+    (
+        "finetune",
+        "variant=l2sp,init_from=/runs/p",
+        {
+            "conservative.l2sp_alpha": 0.1,
+            "conservative.l2sp_beta": 0.01,
+            "transfer.init_from": "/runs/p",
+        },
+    ),
+    ("finetune", "variant=output", {"conservative.output_weight": 1.0}),
+    ("finetune", "variant=feature", {"conservative.feature_weight": 0.01}),
+    ("finetune", "data=full", {"data.train": "mnist_m", "data.eval_sets.source_test": "mnist"}),
+    (
+        "layer_transfer",
+        "mode=AnB,n=3,init_from=/runs/baseA",
+        {
+            "transfer.init_from": "/runs/baseA",
+            "transfer.copy": ("first:3",),
+            "transfer.freeze": ("first:3",),
+            "experiment.half": "B",
+        },
+    ),
+    ("layer_transfer", "mode=AnB+,n=7,init_from=/r", {"transfer.freeze": ()}),
+    ("layer_transfer", "data=embedded_mnist_m", {"data.train": "embedded_digits/mnist_m"}),
+    ("layer_transfer", "split=dissimilar", {"data.classes": (0, 3, 6, 8, 9)}),
+    ("layer_transfer", "split=dissimilar,half=B", {"data.classes": (1, 2, 4, 5, 7)}),
+    ("multitask", "data=full", {"tasks.svhn.dataset": "svhn_cropped"}),
+    ("multitask", "sharing=none", {"multitask.shared": ()}),
+    (
+        "multitask",
+        "sharing=middle,balancing=gradnorm",
+        {
+            "multitask.shared": ("feature/conv_1", "label/dense_0", "label/dense_1"),
+            "multitask.balancing": "gradnorm",
+            "transfer.lr_mults": {"balance": 10.0},
+        },
+    ),
+    (
+        "multitask",
+        "shots=20",
+        {"tasks.mnist_m.shots_per_class": 20, "tasks.mnist.shots_per_class": 0},
+    ),
+    (
+        "progressive",
+        "task=1,variant=finetune",
+        {
+            "transfer.init_from": "runs/progressive/finetune/task0",
+            "transfer.reinit": ("column_0/head_1",),
+            "transfer.freeze": (),
+        },
+    ),
+    (
+        "progressive",
+        "task=2",
+        {
+            "transfer.copy": ("column_0", "column_1"),
+            "transfer.freeze": ("column_0", "column_1"),
+        },
+    ),
+    ("progressive", "data=full", {"tasks.digits04.dataset": "mnist"}),
+    (
+        "self_taught",
+        "stage=classify,features=pixels,k=5",
+        {"self_taught.features": "pixels", "self_taught.labels_per_class": 5},
+    ),
+    (
+        "self_taught",
+        "stage=cluster,encoder=runs/sae",
+        {"self_taught.encoder_workdir": "runs/sae", "lr.schedule": "constant"},
+    ),
+    ("zeroshot", "model=eszsl", {"zeroshot.model": "eszsl", "train.steps": 0}),
+    ("zeroshot", "model=conse,split=2", {"zeroshot.model": "conse", "data.split": 2}),
+    (
+        "zeroshot",
+        "data=awa2,zsl_root=/data/xlsa17",
+        {"data.dataset": "awa2", "data.zsl_root": "/data/xlsa17", "model.hidden": ()},
+    ),
+]
 
-    assert dann.get_config("data=full").data.source == "mnist"
-    assert dann.get_config("seed=3").seed == 3
-    assert not source_only.get_config().dann.adversarial
-    assert target_only.get_config().data.source == "embedded_digits/mnist_m"
+
+def test_documented_variants_cover_every_config():
+    assert {name for name, _, _ in DOCUMENTED_VARIANTS} == set(CONFIGS)
 
 
-def test_unknown_variant_key_is_named():
+@pytest.mark.parametrize("name, variant, expected", DOCUMENTED_VARIANTS)
+def test_documented_variants_set_what_they_say(name, variant, expected):
+    module = importlib.import_module(f"configs.{name}")
+    config, default = module.get_config(variant), module.get_config()
+    for field, value in expected.items():
+        assert _field(config, field) == value, f"configs/{name}.py:{variant} {field}"
+    assert config != default, f"configs/{name}.py:{variant} changes nothing"
+
+
+@pytest.mark.parametrize(
+    "name, variant, check",
+    [
+        # classes=0-4 trains a 5-way head on digits 0-4, relabelled 0..4.
+        (
+            "pretrain",
+            "classes=0-4",
+            lambda method, params: (
+                params["label"]["dense_2"]["kernel"].shape[-1] == 5
+                and set(method.train_streams[0].arrays["label"].tolist()) == set(range(5))
+            ),
+        ),
+        # shots=1: one labelled example per class.
+        (
+            "finetune",
+            "variant=scratch,shots=1",
+            lambda method, params: method.train_streams[0].num_examples == 10,
+        ),
+        # tasks=mnist: a single-task baseline.
+        (
+            "multitask",
+            "tasks=mnist",
+            lambda method, params: [s.name for s in method.train_streams] == ["mnist"],
+        ),
+    ],
+)
+def test_variants_reach_the_built_method(name, variant, check, data_dir):
+    config = shrink(importlib.import_module(f"configs.{name}").get_config(variant), data_dir)
+    method = methods.build(config)
+    assert check(method, jax.eval_shape(method.init_params, jax.random.key(0)))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_names_an_unknown_variant_key(name):
+    module = importlib.import_module(f"configs.{name}")
+    with pytest.raises(ValueError, match="Unknown config variant key 'colour'; accepted: "):
+        module.get_config("colour=red")
+    with pytest.raises(ValueError, match="seed='one' is not an int"):
+        module.get_config("seed=one")
+
+
+@pytest.mark.parametrize(
+    "name, variant, message",
+    [
+        ("dann", "data=ful", "data='ful'; choose one of"),
+        ("dann", "adversarial=maybe", "adversarial='maybe' is not a boolean"),
+        ("source_only", "data=ful", "data='ful'; choose one of"),
+        ("pretrain", "data=svhn", "data='svhn'; choose one of"),
+        ("finetune", "variant=frozen", "variant='frozen'; choose one of"),
+        ("layer_transfer", "mode=AnA", "mode='AnA'; choose one of"),
+        ("layer_transfer", "mode=AnB,n=9,init_from=/r", "n=9"),
+        ("layer_transfer", "mode=AnB,n=2", "set init_from="),
+        ("layer_transfer", "split=halves", "split='halves'; use random or dissimilar"),
+        ("multitask", "balancing=magic", "balancing='magic'; choose one of"),
+        ("multitask", "sharing=all", "sharing='all'; choose one of"),
+        ("progressive", "task=3", "task=3; the sequence"),
+        ("self_taught", "stage=finetune", "stage='finetune'; choose one of"),
+        ("self_taught", "stage=cluster,features=scratch", "features='scratch'; stage=cluster"),
+        ("zeroshot", "model=knn", "model='knn'; choose one of"),
+        ("zeroshot", "data=imagenet", "data='imagenet'; choose digits or one of"),
+    ],
+)
+def test_bad_variant_values_are_named(name, variant, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        importlib.import_module(f"configs.{name}").get_config(variant)
+
+
+def test_malformed_variants_are_named():
     with pytest.raises(ValueError, match="Unknown config variant key 'dta'"):
         parse_arg("dta=full", data="embedded")
-    with pytest.raises(ValueError, match="not of the form key=value"):
+    with pytest.raises(ValueError, match="'full' is not of the form key=value"):
         parse_arg("full", data="embedded")
-    with pytest.raises(ValueError, match="not a boolean"):
-        parse_arg("adversarial=maybe", adversarial=True)
+    with pytest.raises(ValueError, match="lr='fast' is not a number"):
+        parse_arg("lr=fast", lr=0.1)
+    assert parse_arg("seed=3,adversarial=0,lr=2", seed=0, adversarial=True, lr=0.1) == {
+        "seed": 3,
+        "adversarial": False,
+        "lr": 2.0,
+    }
 
 
 # Runs launch.py (argv[1:] are its flags) with the modules in argv[0] made unimportable.
@@ -98,12 +291,14 @@ def _launch_tiny_dann(workdir, data_dir, *flags, config="configs/dann.py", env=N
     return proc.stderr, json.loads((workdir / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_launch_runs_a_variant_with_overrides(data_dir, tmp_path):
     _, results = _launch_tiny_dann(tmp_path / "run", data_dir, config="configs/dann.py:seed=2")
     assert results["seed"] == 2 and results["steps"] == 2
     assert results["config"]["train"]["batch_size"] == 8
 
 
+@pytest.mark.slow
 def test_launch_trains_on_exported_splits_without_tensorflow(data_dir, tmp_path):
     """An accelerator image without TensorFlow, tfds or clu runs the same experiment on splits
     exported where tfds works, and logs its metrics instead of writing TensorBoard events."""
@@ -127,6 +322,7 @@ def test_launch_trains_on_exported_splits_without_tensorflow(data_dir, tmp_path)
     assert not glob.glob(str(tmp_path / "arrays_run" / "events.out.tfevents.*"))
 
 
+@pytest.mark.slow
 def test_launch_rejects_unknown_config_field(tmp_path):
     cmd = [
         sys.executable,
@@ -140,6 +336,55 @@ def test_launch_rejects_unknown_config_field(tmp_path):
     assert "stesp" in proc.stderr
 
 
+@pytest.fixture
+def launch_flags(monkeypatch):
+    """Parses launch.py's flags in this process, as `python launch.py ARGS` would; resets them
+    afterwards."""
+    from absl import flags
+
+    import launch
+
+    monkeypatch.chdir(ROOT)
+    # The TensorFlow device and library-logging set-up are for a fresh process; not here.
+    monkeypatch.setattr(launch, "_hide_accelerators_from_tensorflow", lambda quiet: None)
+    monkeypatch.setattr("tljax.run_log.quiet_library_logs", lambda: None)
+
+    def parse(*args):
+        monkeypatch.setattr(sys, "argv", ["launch.py", *args])  # config_flags reads sys.argv.
+        return flags.FLAGS(sys.argv)
+
+    yield launch, parse
+    flags.FLAGS.unparse_flags()
+
+
+def test_launch_hands_the_variant_and_overrides_to_the_trainer(launch_flags, tmp_path, monkeypatch):
+    launch, parse = launch_flags
+    from tljax import train
+
+    calls = []
+    monkeypatch.setattr(train, "train_and_evaluate", lambda *args: calls.append(args))
+    workdir = tmp_path / "run"
+    argv = parse(
+        "--config=configs/dann.py:seed=2,adversarial=False",
+        "--config.train.batch_size=8",
+        "--config.model.conv_impl=xla",
+        f"--workdir={workdir}",
+    )
+    launch.main(argv)
+    [(config, got_workdir)] = calls
+    assert (config.seed, config.dann.adversarial) == (2, False)
+    assert (config.train.batch_size, config.model.conv_impl) == (8, "xla")
+    assert config.train.steps == 3000  # Everything else as configs/dann.py has it.
+    assert got_workdir == str(workdir) and workdir.is_dir()
+
+
+def test_launch_names_an_unknown_config_field(launch_flags):
+    _, parse = launch_flags
+    with pytest.raises(AttributeError, match='Did you mean "steps" instead of "stesp"'):
+        parse("--config=configs/dann.py", "--config.train.stesp=2", "--workdir=unused")
+
+
+@pytest.mark.slow
 def test_a_second_run_loads_the_train_step_from_the_compilation_cache(data_dir, tmp_path):
     cache = tmp_path / "cache"
     # --compilation_cache wins over the tests' JAX_COMPILATION_CACHE_DIR. Cache even this tiny

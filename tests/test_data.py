@@ -22,6 +22,7 @@ from tljax.data import (
     exported,
     load_split,
     loading,
+    synthetic,
 )
 from tljax.data import mnist_m as mnist_m_lib
 
@@ -314,6 +315,21 @@ def test_load_split_returns_cached_read_only_arrays(data_dir, embedded_pair):
     assert first["label"].dtype == np.int32 and first["image"].dtype == np.uint8
     assert not first["image"].flags.writeable
     np.testing.assert_array_equal(first["image"], embedded_pair["mnist_m", "test"]["image"])
+
+
+@pytest.mark.parametrize("name", ["embedded_digits/mnist", "embedded_digits/mnist_m"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_random_digits_stand_in_for_the_embedded_splits(name, split, data_dir):
+    """synthetic.random_digits_split replaces load_split in step benchmarks and in runs without
+    tfds: same keys, shapes, dtypes and label range as the real split, and reproducible."""
+    real = load_split(name, split, data_dir)
+    fake = synthetic.random_digits_split(name, split)
+    assert set(fake) == set(real)
+    for key in real:
+        assert fake[key].shape == real[key].shape and fake[key].dtype == real[key].dtype, key
+    assert set(np.unique(fake["label"])) == set(range(10))
+    again = synthetic.random_digits_split(name, split, data_dir="/ignored")
+    np.testing.assert_array_equal(fake["image"], again["image"])
 
 
 @pytest.mark.parametrize("name", ["no_such_dataset", "embedded_digits/no_such_config"])

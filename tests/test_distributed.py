@@ -8,11 +8,15 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from configs import dann
 from tljax import train
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+# Starts worker processes and trains end to end.
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

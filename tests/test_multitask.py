@@ -5,17 +5,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import shrink
+from helpers import shrink
 
 from configs import multitask as multitask_config
 from tljax import balancing, methods, train
 from tljax.methods import multitask
-from tljax.models.digits import DigitClassifier
+from tljax.models.digits import DigitNet
 from tljax.models.multitask import HardSharing
 
 
 def _sharing(patterns, classes=(10, 10)):
-    templates = {f"t{i}": DigitClassifier(num_classes=c) for i, c in enumerate(classes)}
+    templates = {f"t{i}": DigitNet(num_classes=c) for i, c in enumerate(classes)}
     return HardSharing(templates, patterns, jnp.zeros((1, 28, 28, 3)))
 
 
@@ -151,6 +151,7 @@ def test_gradnorm_and_balancing_errors_are_named(data_dir):
         multitask_config.get_config("tasks=mnist/svhn")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "arg", ["balancing=gradnorm,sharing=middle", "balancing=pcgrad", "balancing=uncertainty"]
 )

@@ -10,7 +10,8 @@ import pytest
 from tljax import params as ptree
 from tljax import regularizers
 from tljax.data.subsets import class_subset, per_class_subset
-from tljax.models.digits import DANNDigitNet
+from tljax.models.digits import DigitNet, MLPHead
+from tljax.models.domain import WithDiscriminator
 
 FORWARD = [
     "feature/conv_0",
@@ -23,8 +24,12 @@ FORWARD = [
 ]
 
 
+def _dann_net(num_classes: int = 10) -> WithDiscriminator:
+    return WithDiscriminator(DigitNet(num_classes=num_classes), MLPHead((100, 1)), lambda f, _: f)
+
+
 def _init(rng):
-    return DANNDigitNet().init(rng, jnp.zeros((1, 28, 28, 3)))["params"]
+    return _dann_net().init(rng, jnp.zeros((1, 28, 28, 3)))["params"]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +93,7 @@ def test_copy_params_copies_only_the_selection():
 
 
 def test_copy_params_lists_every_mismatch_with_both_shapes():
-    target = DANNDigitNet(num_classes=5).init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
+    target = _dann_net(num_classes=5).init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)))
     source = _init(jax.random.key(1))
     del source["domain"]
     with pytest.raises(ValueError) as error:

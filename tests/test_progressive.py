@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import conv_operand_dtypes, shrink
+from helpers import conv_operand_dtypes, shrink
 
 from configs import progressive as progressive_config
+from tljax import ops, train
 from tljax import params as ptree
-from tljax import train
 from tljax.methods.progressive import make_model
 from tljax.models.progressive import ProgressiveNet, column_param_counts
 
@@ -84,8 +84,9 @@ def test_earlier_columns_receive_no_gradient():
 
 
 def test_bfloat16_conv_operands_reach_columns_and_lateral_adapters():
-    model, shapes = _init("progressive", classes=(2, 2, 2), conv_impl="xla")
-    bf16_model = model.clone(conv_operands="bfloat16")
+    conv = lambda operands: ops.conv_from_config({"conv_impl": "xla", "conv_operands": operands})
+    model, shapes = _init("progressive", classes=(2, 2, 2), conv=conv("float32").conv)
+    bf16_model = model.clone(conv=conv("bfloat16").conv)
     # Columns' conv_0 and conv_1, and per (column, earlier column) pair three adapter convs: V
     # (1x1) and U (5x5) into conv_1, V (1x1) on the feature map into dense_0.
     num_convs = sum(len(s.shape) == 4 for s in jax.tree.leaves(shapes))
@@ -133,6 +134,7 @@ def sequence(data_dir, tmp_path_factory):
     return runs, finetuned
 
 
+@pytest.mark.slow
 def test_earlier_tasks_stay_bit_identical(sequence):
     runs, _ = sequence
     (config0, results0, dir0), (config1, results1, dir1), (_, results2, dir2) = runs
@@ -158,6 +160,7 @@ def test_earlier_tasks_stay_bit_identical(sequence):
     np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
 
 
+@pytest.mark.slow
 def test_finetuning_changes_the_shared_trunk(sequence):
     runs, (_, results, workdir) = sequence
     before, after = _params(runs[0][2])["column_0"], _params(workdir)["column_0"]

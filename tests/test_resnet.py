@@ -7,9 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import conv_operand_dtypes
 from flax import traverse_util
+from helpers import conv_operand_dtypes
 
+from tljax import ops
 from tljax.models import resnet, torch_convert
 
 TORCH_REASON = "torch is an optional test dependency: pip install -r benchmarks/requirements.txt"
@@ -127,11 +128,17 @@ def test_scratch_init_zeroes_last_norm_of_each_block(norm):
     np.testing.assert_array_equal(params["stem"]["norm"]["scale"], 1.0)
 
 
+def _lowered(model, impl, operands="float32"):
+    """``model`` with the convolution and pooling of ``tljax.ops`` under lowering ``impl``."""
+    conv, pool, _ = ops.conv_from_config({"conv_impl": impl, "conv_operands": operands})
+    return model.clone(conv=conv, pool=pool)
+
+
 def test_im2col_and_xla_lowerings_agree():
     """Logits and gradients of a (narrow) ResNet-18 are the same function under both lowerings."""
     images = jnp.asarray(np.random.default_rng(1).standard_normal((2, 32, 32, 3), np.float32))
     weights = jnp.asarray(np.random.default_rng(2).standard_normal((2, 10), np.float32))
-    base = resnet.resnet18(num_classes=10, width=16, conv_impl="xla")
+    base = _lowered(resnet.resnet18(num_classes=10, width=16), "xla")
     # Non-zero last-norm scales, or the residual branches would get no kernel gradients.
     params = _concrete(_param_shapes(base)["params"])
     params = jax.tree.map(
@@ -139,14 +146,14 @@ def test_im2col_and_xla_lowerings_agree():
     )
 
     def loss_and_logits(params, impl):
-        logits = base.clone(conv_impl=impl).apply({"params": params}, images)
+        logits = _lowered(base, impl).apply({"params": params}, images)
         return jnp.sum(logits * weights), logits
 
     results = {}
     for impl in ("xla", "im2col"):
         grad_fn = jax.jit(jax.value_and_grad(loss_and_logits, has_aux=True), static_argnums=1)
         (_, logits), grads = grad_fn(params, impl)
-        inference_logits = jax.jit(base.clone(conv_impl=impl).apply)({"params": params}, images)
+        inference_logits = jax.jit(_lowered(base, impl).apply)({"params": params}, images)
         results[impl] = logits, inference_logits, grads
 
     xla_logits, xla_inference, xla_grads = results["xla"]
@@ -167,12 +174,12 @@ def _bf16_convolutions(jaxpr) -> int:
 def test_bfloat16_conv_operands_reach_every_convolution():
     """conv_operands=bfloat16 rounds the operands of every conv (stem, blocks, shortcuts)."""
     images = jnp.asarray(np.random.default_rng(3).standard_normal((2, 32, 32, 3), np.float32))
-    base = resnet.resnet18(num_classes=10, width=8, conv_impl="xla")
+    base = _lowered(resnet.resnet18(num_classes=10, width=8), "xla")
     params = _concrete(_param_shapes(base)["params"])
     params = jax.tree.map(
         lambda p: p * 0.3 if p.ndim == 1 else p * np.prod(p.shape[:-1]) ** -0.5, params
     )
-    bf16_model = base.clone(conv_operands="bfloat16")
+    bf16_model = _lowered(base, "xla", "bfloat16")
     num_convs = sum(p.ndim == 4 for p in jax.tree.leaves(params))
     assert num_convs == 20  # Stem, 16 block convs, 3 shortcut projections.
     jaxpr = jax.make_jaxpr(bf16_model.apply)({"params": params}, images).jaxpr
@@ -464,6 +471,7 @@ def test_template_must_be_resnet_params(narrow_resnet18_state_dict):
 # Through the trainer: a linear probe on a converted PyTorch checkpoint.
 
 
+@pytest.mark.slow
 def test_linear_probe_from_torch_checkpoint(narrow_resnet18_state_dict, data_dir, tmp_path):
     import orbax.checkpoint as ocp
 
@@ -495,10 +503,12 @@ def test_linear_probe_from_torch_checkpoint(narrow_resnet18_state_dict, data_dir
 @pytest.mark.parametrize("name", ["digits", "convnet8", "resnet50"])
 def test_classifier_configs_pass_conv_operands_to_the_model(name):
     from configs import pretrain
-    from tljax.methods import classifier
+    from tljax.models import make_classifier
 
     config = pretrain.get_config()
     config.model.name = name
-    assert classifier.make_model(config).conv_operands == "float32"
+    # for_eval: the network itself, not wrapped in micro-batches.
+    operands = lambda: make_classifier(config.model, for_eval=True).conv.keywords["operands"]
+    assert operands() == "float32"
     config.model.conv_operands = "bfloat16"
-    assert classifier.make_model(config).conv_operands == "bfloat16"
+    assert operands() == "bfloat16"

@@ -41,10 +41,15 @@ def test_sparse_autoencoder_loss_decreases_on_a_fixed_batch():
     optimizer = optax.adam(1e-2)
     state = optimizer.init(params)
     first, _ = loss_of(params)
-    for _ in range(50):
+
+    @jax.jit
+    def step(params, state):
         grads = jax.grad(lambda p: loss_of(p)[0])(params)
         updates, state = optimizer.update(grads, state)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state
+
+    for _ in range(50):
+        params, state = step(params, state)
     last, metrics = loss_of(params)
     assert float(last) < 0.8 * float(first)
     assert set(metrics) == {"reconstruction", "sparsity", "mean_activation"}
@@ -136,6 +141,7 @@ def autoencoder_run(tmp_path_factory):
     return workdir, results
 
 
+@pytest.mark.slow
 def test_autoencoder_stage_end_to_end(autoencoder_run):
     workdir, results = autoencoder_run
     final = results["final"]
@@ -146,6 +152,7 @@ def test_autoencoder_stage_end_to_end(autoencoder_run):
     assert whitening.zca.shape == (64, 64)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("features", ["sae", "pixels"])
 def test_classify_and_cluster_stages_end_to_end(autoencoder_run, data_dir, tmp_path, features):
     encoder_dir = autoencoder_run[0]
@@ -162,6 +169,7 @@ def test_classify_and_cluster_stages_end_to_end(autoencoder_run, data_dir, tmp_p
     assert final["target/inertia"] <= final["train/inertia"] + 1e-3
 
 
+@pytest.mark.slow
 def test_scratch_classifier_end_to_end(data_dir, tmp_path):
     config = _tiny(self_taught_config.get_config("stage=classify,features=scratch,k=2"), 3, 8)
     config.data.data_dir = data_dir

@@ -110,6 +110,7 @@ def test_report_without_results_is_a_clear_error(tmp_path):
         report.collect(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_micro_sweep_end_to_end(data_dir, tmp_path):
     overrides = {
         "data.data_dir": data_dir,

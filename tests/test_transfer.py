@@ -8,10 +8,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import shrink
+from helpers import shrink
 
 from configs import finetune, pretrain
-from tljax import train, transfer
+from tljax import methods, train, transfer
+from tljax import params as ptree
 
 
 def _shrink(config, data_dir):
@@ -35,6 +36,7 @@ def _finetune(arg, pretrained, data_dir, workdir):
     return config, train.train_and_evaluate(config, str(workdir))
 
 
+@pytest.mark.slow
 def test_freeze_keeps_frozen_layers_bit_identical(pretrained, data_dir, tmp_path):
     _, results = _finetune("variant=freeze,layers=2,shots=2", pretrained, data_dir, tmp_path)
     source = _state(pretrained)["params"]
@@ -50,6 +52,7 @@ def test_freeze_keeps_frozen_layers_bit_identical(pretrained, data_dir, tmp_path
     assert sum(np.size(x) for x in momentum) == results["num_params"] - (2432 + 38448)
 
 
+@pytest.mark.slow
 def test_copy_first_layers_reinitialises_the_rest(pretrained, data_dir, tmp_path):
     config = _shrink(finetune.get_config(f"variant=copy,layers=1,init_from={pretrained}"), data_dir)
     config.conservative.l2sp_alpha = 0.1  # Keeps start_params in the state, for inspection.
@@ -61,6 +64,7 @@ def test_copy_first_layers_reinitialises_the_rest(pretrained, data_dir, tmp_path
     assert np.any(start["label"]["dense_2"]["kernel"] != source["label"]["dense_2"]["kernel"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "variant, metric",
     [("l2sp", "train/l2sp_drift"), ("output", "train/output_kl"), ("feature", "train/feature_l2")],
@@ -79,6 +83,7 @@ def test_missing_checkpoint_is_a_clear_error(data_dir, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_head_shape_mismatch_lists_paths_and_reinit_fixes_it(data_dir, tmp_path):
     five = str(tmp_path / "five")
     train.train_and_evaluate(_shrink(pretrain.get_config("classes=0-4"), data_dir), five)
@@ -126,3 +131,32 @@ def test_checkpoint_of_another_architecture_lists_missing_paths(pretrained, data
         ValueError, match="(?s)another architecture.*feature/conv_0.*missing.*head/kernel"
     ):
         train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_plan_copies_reinitialises_and_freezes_what_the_transfer_block_names(data_dir, tmp_path):
+    """transfer.make_plan on its own (the trainer tests above are slow): from a saved
+    checkpoint, `copy` minus `reinit` is copied, the rest keeps its fresh init, and only the
+    `freeze` layers get the optimizer's frozen label."""
+    config = _shrink(finetune.get_config(f"variant=freeze,layers=1,init_from={tmp_path}"), data_dir)
+    config.transfer.reinit = ("label/dense_2",)
+    method = methods.build(config)
+    shapes = jax.eval_shape(method.init_params, jax.random.key(0))
+    saved = jax.tree.map(lambda s: np.full(s.shape, 7, s.dtype), shapes)
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        manager.save(3, args=ocp.args.StandardSave({"params": saved}))
+        manager.wait_until_finished()
+
+    plan = transfer.make_plan(config, method.init_params, jax.random.key(0))
+    params = plan.apply(method.init_params(jax.random.key(1)), plan.pretrained)
+    is_saved = {
+        ptree.path_of(path): bool(np.all(leaf == 7))
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+    assert is_saved == {path: not path.startswith("label/dense_2/") for path in is_saved}
+    labels = {
+        ptree.path_of(path): label
+        for path, label in jax.tree_util.tree_leaves_with_path(plan.labels)
+    }
+    assert labels == {
+        path: "frozen" if path.startswith("feature/conv_0/") else "trained" for path in labels
+    }

@@ -198,6 +198,7 @@ def _check_metrics(results):
         assert 0.0 <= results["final"][f"test/{key}"] <= 1.0, key
 
 
+@pytest.mark.slow
 def test_dap_digits_end_to_end(data_dir, tmp_path):
     config = _tiny(zeroshot_config.get_config("model=dap,split=1"), steps=4)
     config.data.data_dir = data_dir
@@ -219,7 +220,15 @@ def test_eszsl_digits_is_closed_form_and_beats_chance(data_dir, tmp_path):
         train.train_and_evaluate(config, str(tmp_path / "bad"))
 
 
-@pytest.mark.parametrize("model", ["eszsl", "conse", "embedding"])
+# eszsl is closed form (no training steps); the others train 40 steps.
+@pytest.mark.parametrize(
+    "model",
+    [
+        "eszsl",
+        pytest.param("conse", marks=pytest.mark.slow),
+        pytest.param("embedding", marks=pytest.mark.slow),
+    ],
+)
 def test_proposed_split_variant_end_to_end(tmp_path, model):
     _write_proposed_split(tmp_path / "xlsa17")
     config = zeroshot_config.get_config(f"data=awa2,model={model},zsl_root={tmp_path / 'xlsa17'}")

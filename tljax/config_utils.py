@@ -17,7 +17,8 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       Dict of all keys with defaults overridden by `arg`.
 
     Raises:
-      ValueError: for a malformed item or a key that has no default.
+      ValueError: for a malformed item, a key that has no default, or a value that is not of
+        its default's type; the message names the item.
     """
     values = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
@@ -36,7 +37,11 @@ def _coerce(raw: str, default, key: str):
             raise ValueError(f"Config variant {key}={raw!r} is not a boolean.")
         return raw.lower() in ("true", "1")
     if isinstance(default, (int, float)):
-        return type(default)(raw)
+        try:
+            return type(default)(raw)
+        except ValueError:
+            kind = "an int" if isinstance(default, int) else "a number"
+            raise ValueError(f"Config variant {key}={raw!r} is not {kind}.") from None
     if isinstance(default, str) or default is None:
         return raw
     return ast.literal_eval(raw)

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import optax
+from flax import traverse_util
 
 Params = Any
 Mask = Any
@@ -33,16 +34,9 @@ FROZEN = "frozen"
 TRAINED = "trained"
 
 
-def _key_name(key) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def path_of(key_path) -> str:
     """``'a/b/c'`` for a ``jax.tree_util`` key path."""
-    return "/".join(_key_name(k) for k in key_path)
+    return jax.tree_util.keystr(key_path, simple=True, separator="/")
 
 
 def leaf_paths(params: Params) -> list[str]:
@@ -55,11 +49,6 @@ def leaf_paths(params: Params) -> list[str]:
       List of ``'module/submodule/leaf'`` strings.
     """
     return [path_of(kp) for kp, _ in jax.tree_util.tree_leaves_with_path(params)]
-
-
-def path_tree(params: Params) -> Params:
-    """A pytree of the params' structure whose leaves are their own paths."""
-    return jax.tree_util.tree_map_with_path(lambda kp, _: path_of(kp), params)
 
 
 def layer_of(path: str) -> str:
@@ -176,10 +165,6 @@ def selected_paths(mask: Mask) -> list[str]:
     return [path_of(kp) for kp, chosen in jax.tree_util.tree_leaves_with_path(mask) if chosen]
 
 
-def _flat_by_path(tree: Params) -> dict[str, Any]:
-    return {path_of(kp): leaf for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def check_copy(target: Params, source: Params, mask: Mask) -> None:
     """Checks that ``source`` holds every selected leaf of ``target`` with the same shape.
 
@@ -192,8 +177,8 @@ def check_copy(target: Params, source: Params, mask: Mask) -> None:
       ValueError: listing every selected path that ``source`` lacks or whose shape differs
         (with both shapes).
     """
-    source_flat = _flat_by_path(source)
-    target_flat = _flat_by_path(target)
+    source_flat = traverse_util.flatten_dict(source, sep="/")
+    target_flat = traverse_util.flatten_dict(target, sep="/")
     chosen = selected_paths(mask)
     missing = [path for path in chosen if path not in source_flat]
     mismatched = [
@@ -236,7 +221,7 @@ def copy_params(target: Params, source: Params, mask: Mask) -> Params:
       ValueError: as `check_copy`.
     """
     check_copy(target, source, mask)
-    source_flat = _flat_by_path(source)
+    source_flat = traverse_util.flatten_dict(source, sep="/")
 
     def pick(key_path, leaf, chosen):
         if not chosen:
@@ -314,24 +299,31 @@ def summary_table(
     Returns:
       A multi-line string (markdown table).
     """
-    shapes = _flat_by_path(params)
-    copied_flat = _flat_by_path(copied)
-    label_flat = _flat_by_path(labels)
-    order = list(layers) if layers else list(dict.fromkeys(layer_of(p) for p in shapes))
+    # (leaf name, shape, origin, group) of every leaf, by layer, in jax.tree order.
+    by_layer: dict[str, list[tuple[str, tuple, str, str]]] = {}
+    for (key_path, leaf), was_copied, label in zip(
+        jax.tree_util.tree_leaves_with_path(params),
+        jax.tree.leaves(copied),
+        jax.tree.leaves(labels),
+        strict=True,
+    ):
+        layer, _, name = path_of(key_path).rpartition("/")
+        origin = "copied" if was_copied else "new"
+        by_layer.setdefault(layer, []).append((name, np.shape(leaf), origin, label))
     rows = ["| layer | shapes | params | origin | training |", "|---|---|---|---|---|"]
     totals: dict[str, int] = {}
-    for layer in order:
-        leaves = [p for p in shapes if layer_of(p) == layer]
+    for layer in list(layers) if layers else list(by_layer):
+        leaves = by_layer.get(layer)
         if not leaves:
             continue
-        size = sum(int(np.prod(np.shape(shapes[p]))) for p in leaves)
-        origin = _describe({("copied" if copied_flat[p] else "new") for p in leaves})
-        group = _describe({label_flat[p] for p in leaves})
-        shape_text = ", ".join(f"{p.rpartition('/')[2]}{list(np.shape(shapes[p]))}" for p in leaves)
-        rows.append(f"| {layer} | {shape_text} | {size:,} | {origin} | {group} |")
-        for p in leaves:
-            key = f"{'copied' if copied_flat[p] else 'new'}, {label_flat[p]}"
-            totals[key] = totals.get(key, 0) + int(np.prod(np.shape(shapes[p])))
+        sizes = [int(np.prod(shape)) for _, shape, _, _ in leaves]
+        origin = _describe({leaf[2] for leaf in leaves})
+        group = _describe({leaf[3] for leaf in leaves})
+        shape_text = ", ".join(f"{name}{list(shape)}" for name, shape, _, _ in leaves)
+        rows.append(f"| {layer} | {shape_text} | {sum(sizes):,} | {origin} | {group} |")
+        for (_, _, leaf_origin, leaf_group), size in zip(leaves, sizes, strict=True):
+            key = f"{leaf_origin}, {leaf_group}"
+            totals[key] = totals.get(key, 0) + size
     total = count(params)
     rows.append(f"| total | | {total:,} | | |")
     breakdown = "; ".join(f"{key}: {value:,}" for key, value in sorted(totals.items()))

@@ -1,7 +1,10 @@
 """Collects a sweep's results into a CSV, a markdown table and the layer-transfer figure.
 
   python -m tljax.report runs/yosinski            # writes runs/yosinski/report.{csv,md,png}
-  python -m tljax.report runs/yosinski --out=docs/yosinski
+  python -m tljax.report runs/yosinski --out=runs/yosinski_report
+
+`python benchmarks/layer_transfer.py` runs a sweep and writes this report into its results page
+(docs/results/yosinski_<data>[_dissimilar].md).
 
 Every ``<workdir>/*/results.json`` is one row: the run's name, its ``config.experiment`` fields
 (written by configs that describe a sweep, e.g. configs/layer_transfer.py: mode, n, half) and its

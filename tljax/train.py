@@ -4,7 +4,6 @@ Every method reuses `train_and_evaluate` unchanged; a method only supplies its
 params, loss, eval and batch layout (`tljax.methods.Method`).
 """
 
-import collections
 import contextlib
 import json
 import math
@@ -16,8 +15,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 from absl import logging
+from flax import traverse_util
 
 from tljax import host, methods, optim, parallel, run_log, transfer
 from tljax import params as ptree
@@ -59,7 +60,7 @@ def create_train_state(
     """Initial state {params, opt_state, step, rng[, start_params]}, created already replicated.
 
     Args:
-      method: supplies `init_params` (and `penalty_fn`, which needs `start_params`).
+      method: supplies `init_params` (an `anchored` method needs `start_params`).
       optimizer: optax transformation.
       seed: run seed.
       mesh: the data mesh.
@@ -80,7 +81,7 @@ def create_train_state(
             "step": jnp.zeros((), jnp.int32),
             "rng": jax.random.key_data(train_rng),
         }
-        if method.penalty_fn is not None:
+        if method.anchored:
             state["start_params"] = params
         return state
 
@@ -100,7 +101,7 @@ def make_train_step(
     """(state, batch) -> (state, metrics): one optimizer step of `method.loss_fn`.
 
     Args:
-      method: supplies `loss_fn` and, optionally, `penalty_fn`.
+      method: supplies `loss_fn` (given an `Anchor` if `anchored`) or `value_and_grad`.
       optimizer: optax transformation.
       schedule: lr schedule (logged as 'lr').
       plan: layer transfer; its frozen leaves are carried over unchanged, bit for bit.
@@ -112,34 +113,24 @@ def make_train_step(
     transferred = plan.copied if plan is not None else None
 
     def objective(params, batch, rng, step, start_params):
-        loss, metrics = method.loss_fn(params, batch, rng, step)
-        if method.penalty_fn is not None:
-            penalty, penalty_metrics = method.penalty_fn(params, start_params, batch, transferred)
-            loss = loss + penalty
-            metrics = {**metrics, **penalty_metrics}
-        return loss, metrics
-
-    def custom_objective_grad(params, batch, rng, step, start_params):
-        (loss, metrics), grads = method.value_and_grad(params, batch, rng, step)
-        if method.penalty_fn is not None:
-            penalty_grad_fn = jax.value_and_grad(method.penalty_fn, has_aux=True)
-            (penalty, penalty_metrics), penalty_grads = penalty_grad_fn(
-                params, start_params, batch, transferred
-            )
-            loss, metrics = loss + penalty, {**metrics, **penalty_metrics}
-            grads = jax.tree.map(jnp.add, grads, penalty_grads)
-        return (loss, metrics), grads
+        if method.anchored:
+            anchor = methods.Anchor(start_params, transferred)
+            return method.loss_fn(params, batch, rng, step, anchor)
+        return method.loss_fn(params, batch, rng, step)
 
     if method.value_and_grad is None:
         objective_grad = jax.value_and_grad(objective, has_aux=True)
     else:
-        objective_grad = custom_objective_grad
+        objective_grad = lambda params, batch, rng, step, _: method.value_and_grad(
+            params, batch, rng, step
+        )
 
     def apply_updates(params, updates):
+        updated = optax.apply_updates(params, updates)
         if frozen is None:
-            return jax.tree.map(jnp.add, params, updates)
+            return updated
         # Adding a zero update could still flip -0.0 to +0.0; frozen means untouched.
-        return jax.tree.map(lambda p, u, f: p if f else p + u, params, updates, frozen)
+        return jax.tree.map(lambda p, new, f: p if f else new, params, updated, frozen)
 
     def train_step(state, batch):
         step = state["step"]
@@ -279,43 +270,15 @@ class MetricBuffer:
         return {f"train/{key}": float(np.mean(value)) for key, value in stacked.items()}
 
 
-class PhaseTimer:
-    """Wall seconds of a run by phase (setup, compile, train, eval, checkpoint).
-
-    The train step is dispatched asynchronously, so a phase that follows training first waits
-    for the state it is given: the steps' compute is counted as training, not as the eval or
-    checkpoint that happens to block on it.
-    """
-
-    def __init__(self):
-        self.seconds: collections.Counter[str] = collections.Counter()
-
-    @contextlib.contextmanager
-    def phase(self, name: str, wait_for: Any = None):
-        """Counts the wall time of the ``with`` body towards ``name``.
-
-        Args:
-          name: the phase.
-          wait_for: arrays (any pytree) whose pending computation belongs to the time before
-            this phase; waited for before the clock starts.
-
-        Yields:
-          Nothing.
-        """
-        if wait_for is not None:
-            jax.block_until_ready(wait_for)
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] += time.perf_counter() - start
-
-
 # ------------------------------------------------------------------- loop ----
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains `config.method` and evaluates it; resumes from `workdir` if it has checkpoints.
+
+    A run may take several processes (launches): one killed, the next resuming from the last
+    checkpoint. Its results.json covers all of them (see `RESULTS_FILE`); relaunching a finished
+    run returns its results and leaves them as they are.
 
     Args:
       config: experiment config (see configs/).
@@ -323,16 +286,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       devices: devices of the data mesh; default all devices of all processes.
 
     Returns:
-      The results dict also written to `<workdir>/results.json`. Its `timing_s` splits
-      `wall_time_s` into setup (data, init, restore), compile, train (the steps and the input
-      pipeline), eval and checkpoint seconds.
+      The results dict also written to `<workdir>/results.json`.
 
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint stays).
       ValueError: a config value that cannot work (e.g. batch size vs devices).
     """
     start_time = time.perf_counter()
-    timer = PhaseTimer()
     mesh = parallel.make_data_mesh(devices)
     if mesh.devices.flat[0].platform == "cpu":
         host.retain_freed_memory()
@@ -354,9 +314,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, first_step = restore_latest(manager, state)
 
     is_lead = jax.process_index() == 0
-    writer, progress = run_log.make_writer(workdir, is_lead, num_steps, config.train.log_every_secs)
+    previous, previous_path = previous_results(workdir)
+    if first_step >= num_steps and previous and _last_step(previous) == first_step:
+        return _already_finished(workdir, previous, previous_path, is_lead)
+    history, launches = _carried_over(previous, first_step)
+
+    log = run_log.make_run_log(workdir, is_lead, num_steps, config.train.log_every_secs)
     if first_step == 0:
-        writer.write_hparams(_flat_hparams(config))
+        log.hparams(_flat_hparams(config))
 
     batches = pipeline.train_batches(method.train_streams, config.seed, first_step, mesh)
     eval_step = jax.jit(
@@ -375,74 +340,200 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     all_finite = jax.jit(_all_finite, compiler_options=one_off_compiler_options(mesh))
     buffer = MetricBuffer()
-    train_step, compile_s = None, 0.0
-    train_metrics, eval_metrics, history = {}, {}, []
+    train_step = None
+    train_metrics, eval_metrics = {}, {}
     last_saved = first_step if first_step else None
-    loop_start = time.perf_counter()
-    try:
-        for step in range(first_step, num_steps):
-            batch = next(batches)
-            if train_step is None:
-                with timer.phase("compile"):
-                    train_step, compile_s = compile_train_step(
-                        make_train_step(method, optimizer, schedule, plan), state, batch, mesh
-                    )
-                logging.info("Compiled the train step in %.1f s.", compile_s)
-            state, metrics = train_step(state, batch)
-            buffer.add(step, metrics)
-            done = step + 1
-            progress(done)
-            is_last = done == num_steps
-            if done % config.train.log_every == 0 or is_last:
-                train_metrics = _flush(buffer, manager, last_saved)
-                writer.write_scalars(done, train_metrics)
-            if done % config.eval.every == 0 or is_last:
-                with timer.phase("eval", wait_for=state):
-                    eval_metrics = run_eval(state["params"])
-                writer.write_scalars(done, eval_metrics)
-                history.append({"step": done, **eval_metrics})
-            if done % config.checkpoint.every == 0 or is_last:
-                train_metrics |= _flush(buffer, manager, last_saved)
-                with timer.phase("checkpoint", wait_for=state):
-                    _check_finite_params(all_finite, state["params"], done, manager, last_saved)
-                    manager.save(done, args=ocp.args.StandardSave(state))
-                last_saved = done
-        jax.block_until_ready(state)
-    finally:
-        train_s = time.perf_counter() - loop_start - sum(timer.seconds.values())
-        batches.close()
-        with timer.phase("checkpoint"):
-            manager.wait_until_finished()
-        writer.flush()
-
-    if first_step >= num_steps:
-        with timer.phase("eval"):
-            eval_metrics = run_eval(state["params"])
-    wall_s = time.perf_counter() - start_time
-    timing = {"setup": loop_start - start_time, "train": train_s}
-    timing |= {name: timer.seconds[name] for name in ("compile", "eval", "checkpoint")}
-    logging.info("Wall time %.1f s: %s.", wall_s, _format_timing(timing))
-    results = {
-        "final": {**train_metrics, **eval_metrics},
-        "history": history,
+    about = {
         "steps": num_steps,
         "resumed_from_step": first_step,
         "seed": config.seed,
         "num_devices": int(mesh.devices.size),
         "num_processes": jax.process_count(),
         "backend": jax.default_backend(),
-        "compile_time_s": compile_s,
+        "compile_time_s": 0.0,
         "num_params": ptree.count(state["params"]),
         "num_frozen_params": ptree.count(state["params"], plan.frozen),
-        "wall_time_s": wall_s,
-        "timing_s": timing,
+    }
+    loop_start = time.perf_counter()
+    try:
+        for step in range(first_step, num_steps):
+            batch = next(batches)
+            if train_step is None:
+                with log.timed("compile"):
+                    train_step, about["compile_time_s"] = compile_train_step(
+                        make_train_step(method, optimizer, schedule, plan), state, batch, mesh
+                    )
+                logging.info("Compiled the train step in %.1f s.", about["compile_time_s"])
+            state, metrics = train_step(state, batch)
+            buffer.add(step, metrics)
+            done = step + 1
+            log.step_done(done)
+            is_last = done == num_steps
+            if done % config.train.log_every == 0 or is_last:
+                train_metrics = _flush(buffer, manager, last_saved)
+                log.train_metrics(done, train_metrics)
+            if done % config.eval.every == 0 or is_last:
+                with log.timed("eval", wait_for=state):
+                    eval_metrics = run_eval(state["params"])
+                log.eval_metrics(done, eval_metrics)
+                history.append({"step": done, **eval_metrics})
+            if done % config.checkpoint.every == 0 or is_last:
+                train_metrics |= _flush(buffer, manager, last_saved)
+                with log.timed("checkpoint", wait_for=state):
+                    _check_finite_params(all_finite, state["params"], done, manager, last_saved)
+                    manager.save(done, args=ocp.args.StandardSave(state))
+                last_saved = done
+                if is_lead:
+                    launch = _launch(first_step, done, start_time, loop_start, log.phase_seconds())
+                    final = {**train_metrics, **eval_metrics}
+                    partial = _results(about, final, history, [*launches, launch], config)
+                    _write_results(workdir, partial, partial=True)
+        jax.block_until_ready(state)
+        train_s = _train_seconds(loop_start, log.phase_seconds())
+        if first_step >= num_steps:
+            # A finished run without its results (e.g. killed while writing them).
+            with log.timed("eval"):
+                eval_metrics = run_eval(state["params"])
+            log.eval_metrics(first_step, eval_metrics)
+            if first_step not in {entry["step"] for entry in history}:
+                history.append({"step": first_step, **eval_metrics})
+    finally:
+        batches.close()
+        with log.timed("checkpoint"):
+            manager.wait_until_finished()
+        log.close()
+
+    last_step = max(first_step, num_steps)
+    launch = _launch(first_step, last_step, start_time, loop_start, log.phase_seconds(), train_s)
+    final = {**train_metrics, **eval_metrics}
+    results = _results(about, final, history, [*launches, launch], config)
+    path = _write_results(workdir, results) if is_lead else os.path.join(workdir, RESULTS_FILE)
+    logging.info("%s", _summary(results, path))
+    return results
+
+
+# ---------------------------------------------------------------- results ----
+
+# results.json: the run's final and per-evaluation metrics, config and cost. A run made by several
+# processes (launches; one killed, the next resuming from its last checkpoint) has every
+# evaluation up to its last step once, `wall_time_s` and `timing_s` summed over its launches
+# (a killed launch counts until its last checkpoint), and one entry per launch in `launches`:
+# {from_step, to_step, wall_time_s, timing_s}. `timing_s` splits the wall time into setup (data,
+# init, restore), compile, train (the steps and the input pipeline), eval and checkpoint seconds.
+# `resumed_from_step` and `compile_time_s` are the last launch's.
+RESULTS_FILE = "results.json"
+# The same, written at every checkpoint, so that the launch after a killed one keeps what it
+# measured. results.json itself appears only when a launch finishes: sweeps read it as "done".
+PARTIAL_RESULTS_FILE = "results.partial.json"
+PHASES = ("setup", "compile", "train", "eval", "checkpoint")
+
+
+def previous_results(workdir: str) -> tuple[dict | None, str | None]:
+    """The newest results an earlier launch of the run in ``workdir`` wrote.
+
+    Args:
+      workdir: the run's workdir.
+
+    Returns:
+      (results, path): from results.json or, where that is older, results.partial.json;
+      (None, None) if there are none.
+    """
+    found = []
+    for name in (RESULTS_FILE, PARTIAL_RESULTS_FILE):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                found.append((json.load(f), path))
+    # max keeps the first of equals: a finished launch's results.json over its last partial.
+    return max(found, key=lambda pair: _last_step(pair[0]), default=(None, None))
+
+
+def _last_step(results: dict) -> int:
+    # Results written before launches were recorded describe their final step.
+    return results.get("last_step", results.get("steps", 0))
+
+
+def _carried_over(previous: dict | None, first_step: int) -> tuple[list[dict], list[dict]]:
+    if previous is None or first_step == 0:
+        return [], []
+    # Evaluations after the restored checkpoint went with the launch that made them; this
+    # launch makes them again.
+    history = [entry for entry in previous.get("history", []) if entry["step"] <= first_step]
+    return history, list(previous.get("launches", []))
+
+
+def _train_seconds(loop_start: float, phases: dict[str, float]) -> float:
+    # The loop's time that no phase took: the steps and the input pipeline.
+    return time.perf_counter() - loop_start - sum(phases.values())
+
+
+def _launch(
+    first_step: int,
+    last_step: int,
+    start_time: float,
+    loop_start: float,
+    phases: dict[str, float],
+    train_s: float | None = None,
+) -> dict:
+    if train_s is None:
+        train_s = _train_seconds(loop_start, phases)
+    timing = {"setup": loop_start - start_time, "train": train_s}
+    timing |= {name: phases.get(name, 0.0) for name in ("compile", "eval", "checkpoint")}
+    return {
+        "from_step": first_step,
+        "to_step": last_step,
+        "wall_time_s": time.perf_counter() - start_time,
+        "timing_s": {name: timing[name] for name in PHASES},
+    }
+
+
+def _results(about: dict, final: dict, history: list[dict], launches: list[dict], config) -> dict:
+    return {
+        "final": final,
+        "history": list(history),
+        "last_step": launches[-1]["to_step"],
+        **about,
+        "wall_time_s": sum(launch["wall_time_s"] for launch in launches),
+        "timing_s": {
+            name: sum(launch["timing_s"].get(name, 0.0) for launch in launches) for name in PHASES
+        },
+        "launches": launches,
         "config": config.to_dict(),
     }
-    if is_lead:
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2, default=str)
-    logging.info("Final metrics: %s", results["final"])
+
+
+def _write_results(workdir: str, results: dict, partial: bool = False) -> str:
+    path = os.path.join(workdir, PARTIAL_RESULTS_FILE if partial else RESULTS_FILE)
+    # Written whole or not at all: a launch may be killed at any moment.
+    with open(path + ".tmp", "w") as f:
+        json.dump(results, f, indent=2, default=str)
+    os.replace(path + ".tmp", path)
+    if not partial:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(workdir, PARTIAL_RESULTS_FILE))
+    return path
+
+
+def _already_finished(workdir: str, results: dict, path: str, is_lead: bool) -> dict:
+    if is_lead and os.path.basename(path) != RESULTS_FILE:
+        path = _write_results(workdir, results)
+    logging.info(
+        "Step %d/%d was already done; results (kept as they were): %s",
+        _last_step(results),
+        results["steps"],
+        path,
+    )
     return results
+
+
+def _summary(results: dict, path: str) -> str:
+    launches = len(results["launches"])
+    over = f" over {launches} launches" if launches > 1 else ""
+    return (
+        f"Done: step {results['last_step']}/{results['steps']} in "
+        f"{results['wall_time_s']:.1f} s{over} ({_format_timing(results['timing_s'])}); "
+        f"results: {path}"
+    )
 
 
 def _format_timing(timing: dict[str, float]) -> str:
@@ -478,18 +569,12 @@ def _check_finite_params(all_finite, params, step: int, manager, last_saved) -> 
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
-    flat = {}
+    # TensorBoard's hparams take numbers, bools and strings (not NaN); the rest go as text.
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {name: value if _is_hparam(value) else str(value) for name, value in flat.items()}
 
-    def visit(prefix, value):
-        if isinstance(value, dict):
-            for key, sub in value.items():
-                visit(f"{prefix}.{key}" if prefix else key, sub)
-        elif isinstance(value, (bool, int, float, str)) and not (
-            isinstance(value, float) and math.isnan(value)
-        ):
-            flat[prefix] = value
-        else:
-            flat[prefix] = str(value)
 
-    visit("", config.to_dict())
-    return flat
+def _is_hparam(value) -> bool:
+    if isinstance(value, float):
+        return not math.isnan(value)
+    return isinstance(value, (bool, int, str))

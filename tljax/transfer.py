@@ -38,7 +38,6 @@ class TransferPlan:
       copied: selection of leaves taken from ``pretrained``.
       frozen: selection of leaves the optimizer leaves untouched.
       labels: optimizer group of each leaf (``tljax.params.lr_labels``).
-      layers: the network's layers in forward order.
       summary: readable table of the above, logged at the start of a run.
     """
 
@@ -46,7 +45,6 @@ class TransferPlan:
     copied: Any
     frozen: Any
     labels: Any
-    layers: list[str]
     summary: str
 
     def apply(self, params: Params, pretrained: Params | None) -> Params:
@@ -116,7 +114,7 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
     lr_mults = dict(block.get("lr_mults") or {})
     labels = ptree.lr_labels(shapes, frozen, lr_mults, layers)
     summary = ptree.summary_table(shapes, copied, labels, layers)
-    return TransferPlan(pretrained, copied, frozen, labels, layers, summary)
+    return TransferPlan(pretrained, copied, frozen, labels, summary)
 
 
 def checkpoint_directory(path: str) -> tuple[str, int]:

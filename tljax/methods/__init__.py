@@ -30,14 +30,14 @@ class Method:
       summarize_eval: optional; the sums of `eval_fn` over a whole eval set (numpy) ->
         dict of float metrics. Default: every sum divided by 'count'. Needed for metrics
         that are not means over examples (e.g. per-class mean accuracy).
-      penalty_fn: optional conservative-training term added to the loss,
-        (params, start_params, batch, transferred) -> (scalar, metrics), where start_params
-        are the params the run started from (pretrained values on transferred leaves) and
-        transferred is the selection of leaves copied from the pretrained network.
+      anchored: whether ``loss_fn`` measures the params against the network the run
+        started from (conservative penalties): the trainer then keeps that network in its
+        state and calls ``loss_fn(params, batch, rng, step, anchor)`` with an `Anchor`, so the
+        penalty reuses the loss's own forward pass.
       value_and_grad: optional replacement for ``jax.value_and_grad(loss_fn, has_aux=True)``,
         (params, batch, rng, step) -> ((loss, metrics), grads), for methods that shape the
-        gradient itself (e.g. multi-task gradient surgery); the trainer still adds
-        ``penalty_fn``'s gradient and runs the optimizer.
+        gradient itself (e.g. multi-task gradient surgery); the trainer still runs the
+        optimizer. Not combined with ``anchored``.
     """
 
     init_params: Callable[..., Params]
@@ -46,8 +46,26 @@ class Method:
     train_streams: tuple[Stream, ...]
     eval_sets: Mapping[str, Mapping[str, Any]]
     summarize_eval: Callable[[dict[str, Any]], dict[str, float]] | None = None
-    penalty_fn: Callable[..., tuple[Any, Metrics]] | None = None
+    anchored: bool = False
     value_and_grad: Callable[..., tuple[tuple[Any, Metrics], Params]] | None = None
+
+    def __post_init__(self):
+        if self.anchored and self.value_and_grad is not None:
+            raise ValueError("A method with its own value_and_grad cannot also be anchored.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Anchor:
+    """The network a run started from, for penalties that hold the params near it.
+
+    Attributes:
+      params: the params the run started from (pretrained values on transferred leaves).
+      transferred: bool pytree of the params' structure: the leaves copied from the
+        pretrained network (all False without a transfer).
+    """
+
+    params: Params
+    transferred: Params
 
 
 def classification_sums(logits, labels, mask) -> Metrics:

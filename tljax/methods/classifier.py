@@ -18,38 +18,9 @@ from tljax import data, regularizers
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, classification_sums, image_model_fns
-from tljax.models import layers
-from tljax.models.convnet import ConvNet8
-from tljax.models.digits import DigitClassifier
-from tljax.models.resnet import RESNETS
+from tljax.models import make_classifier
 
 PENALTIES = ("l2sp_alpha", "l2sp_beta", "output_weight", "temperature", "feature_weight")
-
-
-def make_model(config: ml_collections.ConfigDict):
-    """The classifier described by `config.model`: 'digits', 'convnet8' or a ResNet.
-
-    Both expose `features(images)` and `classify(features)`. ResNets read the optional
-    `model.width` (64 is torchvision's) and `model.norm` ('affine': frozen BatchNorm, what
-    pretrained checkpoints convert to; 'group': GroupNorm, for training from scratch).
-    """
-    name = config.model.get("name", "digits")
-    common = dict(
-        num_classes=config.model.num_classes,
-        **layers.conv_options(config.model),
-        dtype=jnp.dtype(config.model.dtype),
-    )
-    if name == "digits":
-        return DigitClassifier(**common)
-    if name == "convnet8":
-        return ConvNet8(**common)
-    if name in RESNETS:
-        return RESNETS[name](
-            width=config.model.get("width", 64), norm=config.model.get("norm", "affine"), **common
-        )
-    raise ValueError(
-        f"Unknown model.name {name!r}; use 'digits', 'convnet8' or one of {sorted(RESNETS)}."
-    )
 
 
 def load_training_split(config: ml_collections.ConfigDict) -> dict:
@@ -89,7 +60,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
     Returns:
       The `Method`.
     """
-    model = make_model(config)
+    model = make_classifier(config.model)
     weights = _penalty_weights(config)
     preprocess, init_params = image_model_fns(model, config.model)
     classes = config.data.get("classes")
@@ -104,31 +75,40 @@ def build(config: ml_collections.ConfigDict) -> Method:
     def classify(params, feats):
         return model.apply({"params": params}, feats, method="classify")
 
-    def loss_fn(params, batch, rng, step):
+    def loss_fn(params, batch, rng, step, anchor=None):
         del rng, step
-        logits = classify(params, features(params, batch["train_image"]))
+        images = batch["train_image"]
+        feats = features(params, images)
+        logits = classify(params, feats)
         labels = batch["train_label"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-        return loss, {"class_loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
+        metrics = {"class_loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
+        if anchor is None:
+            return loss, metrics
+        penalty, penalty_metrics = conservative_penalty(params, feats, logits, images, anchor)
+        return loss + penalty, metrics | penalty_metrics
 
-    def penalty_fn(params, start_params, batch, transferred):
+    def conservative_penalty(params, feats, logits, images, anchor):
         total, metrics = jnp.zeros((), jnp.float32), {}
         if weights["l2sp_alpha"] or weights["l2sp_beta"]:
             drift, new = regularizers.l2_sp(
-                params, start_params, transferred, weights["l2sp_alpha"], weights["l2sp_beta"]
+                params,
+                anchor.params,
+                anchor.transferred,
+                weights["l2sp_alpha"],
+                weights["l2sp_beta"],
             )
             total += drift + new
             metrics |= {"l2sp_drift": drift, "l2sp_new": new}
         if weights["output_weight"] or weights["feature_weight"]:
-            feats = features(params, batch["train_image"])
-            start_feats = features(start_params, batch["train_image"])
+            start_feats = features(anchor.params, images)
         if weights["feature_weight"]:
             feature_term = regularizers.feature_l2(feats, start_feats)
             total += weights["feature_weight"] * feature_term
             metrics["feature_l2"] = feature_term
         if weights["output_weight"]:
             output_term = regularizers.distillation_kl(
-                classify(params, feats), classify(start_params, start_feats), weights["temperature"]
+                logits, classify(anchor.params, start_feats), weights["temperature"]
             )
             total += weights["output_weight"] * output_term
             metrics["output_kl"] = output_term
@@ -145,11 +125,4 @@ def build(config: ml_collections.ConfigDict) -> Method:
     train = Stream("train", load_training_split(config), config.train.batch_size)
     eval_sets = {key: eval_split(name) for key, name in config.data.eval_sets.items()}
     uses_penalty = any(weights[k] for k in PENALTIES if k != "temperature")
-    return Method(
-        init_params,
-        loss_fn,
-        eval_fn,
-        (train,),
-        eval_sets,
-        penalty_fn=penalty_fn if uses_penalty else None,
-    )
+    return Method(init_params, loss_fn, eval_fn, (train,), eval_sets, anchored=uses_penalty)

@@ -41,8 +41,7 @@ from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, task_classification_sums
-from tljax.models import layers
-from tljax.models.digits import DigitClassifier
+from tljax.models import make_classifier
 from tljax.models.multitask import SHARED, HardSharing, sequence_of, sharing_table
 
 BALANCING = ("fixed", "uncertainty", "gradnorm", "pcgrad")
@@ -144,13 +143,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
         train_arrays[task] = arrays
     num_classes = {task: num_classes_of(specs[task], train_arrays[task]) for task in tasks}
     templates = {
-        task: DigitClassifier(
-            num_classes=num_classes[task],
-            label_widths=tuple(config.model.label_widths),
-            **layers.conv_options(config.model),
-            dtype=compute_dtype,
-        )
-        for task in tasks
+        task: make_classifier(config.model, num_classes=num_classes[task]) for task in tasks
     }
     example = jnp.zeros((1, *image_size, config.model.channels), compute_dtype)
     sharing = HardSharing(templates, sequence_of(block.shared), example)

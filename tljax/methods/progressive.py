@@ -20,11 +20,10 @@ import numpy as np
 import optax
 from absl import logging
 
-from tljax import data
+from tljax import data, ops
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset
 from tljax.methods import Method, image_model_fns, task_classification_sums
-from tljax.models import layers
 from tljax.models.progressive import MODES, ProgressiveNet, param_growth_table
 
 TASK_FIELDS = {"dataset", "classes"}
@@ -70,6 +69,7 @@ def make_model(config: ml_collections.ConfigDict, task_classes: tuple[int, ...])
     mode = config.progressive.mode
     if mode not in MODES:
         raise ValueError(f"Unknown progressive.mode {mode!r}; use one of {MODES}.")
+    conv_ops = ops.conv_from_config(config.model)
     return ProgressiveNet(
         task_classes=task_classes,
         mode=mode,
@@ -77,7 +77,8 @@ def make_model(config: ml_collections.ConfigDict, task_classes: tuple[int, ...])
         dense_widths=tuple(config.model.dense_widths),
         reduction=config.progressive.adapter_reduction,
         alpha_init=config.progressive.get("adapter_alpha_init", 0.1),
-        **layers.conv_options(config.model),
+        conv=conv_ops.conv,
+        pool=conv_ops.pool,
         dtype=jnp.dtype(config.model.dtype),
     )
 

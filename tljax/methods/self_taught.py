@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -30,12 +31,11 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from tljax import data
+from tljax import data, ops
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import per_class_subset
 from tljax.methods import Method
-from tljax.models import layers
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.self_taught import autoencoder, clustering, patches
 
@@ -96,22 +96,33 @@ def load_encoder(workdir: str) -> tuple[dict, patches.Whitening, ml_collections.
 
 
 class FewLabelClassifier(nn.Module):
-    """Linear softmax on feature vectors, or the DANN digit convnet on images."""
+    """Linear softmax on feature vectors, or the DANN digit convnet on images.
+
+    Params are {'feature': ..., 'head': ...} ('feature' only with `conv_features`).
+    """
 
     num_classes: int
     conv_features: bool
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ops.ModuleDef = nn.Conv
+    pool: Callable[..., jax.Array] = nn.max_pool
 
-    @nn.compact
+    def setup(self):
+        if self.conv_features:
+            self.feature = DigitFeatures(self.conv, self.pool)
+        hidden = (100,) if self.conv_features else ()
+        self.head = MLPHead((*hidden, self.num_classes))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        if not self.conv_features:
-            return MLPHead((self.num_classes,), name="head")(x)
-        features = DigitFeatures(
-            conv_impl=self.conv_impl, conv_operands=self.conv_operands, name="feature"
-        )
-        x = features(x)
-        return MLPHead((100, self.num_classes), name="head")(x)
+        """Class logits of inputs `x` (images or feature vectors)."""
+        return self.classify(self.features(x))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The digit features of images, or the feature vectors `x` themselves."""
+        return self.feature(x) if self.conv_features else x
+
+    def classify(self, features: jax.Array) -> jax.Array:
+        """Class logits of `features`."""
+        return self.head(features)
 
 
 def build(config: ml_collections.ConfigDict) -> Method:
@@ -212,7 +223,10 @@ def _classifier(config: ml_collections.ConfigDict) -> Method:
     labelled = {key: _digit_inputs(config, few["image"]), "label": few["label"]}
     test_set = {key: _digit_inputs(config, test["image"]), "label": test["label"]}
     num_classes = int(train["label"].max()) + 1
-    model = FewLabelClassifier(num_classes, key == "image", **layers.conv_options(config.model))
+    conv_ops = ops.conv_from_config(config.model)
+    model = FewLabelClassifier(num_classes, key == "image", conv_ops.conv, conv_ops.pool)
+    if model.conv_features and conv_ops.microbatch:
+        model = ops.MicrobatchedFeatures(model, conv_ops.microbatch)
 
     def preprocess(inputs):
         if key == "image":

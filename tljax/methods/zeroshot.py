@@ -24,6 +24,7 @@ classes and their harmonic mean, all per-class means (`Method.summarize_eval`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -33,10 +34,10 @@ import ml_collections
 import numpy as np
 import optax
 
+from tljax import ops
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.methods import Method
-from tljax.models import layers
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.zeroshot import data as zsl_data
 from tljax.zeroshot import proposed_split, scoring
@@ -53,21 +54,26 @@ class ZeroShotNet(nn.Module):
     out_dim: int
     hidden: tuple[int, ...] = (100,)
     conv_features: bool = True
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ops.ModuleDef = nn.Conv
+    pool: Callable[..., jax.Array] = nn.max_pool
     dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def setup(self):
         if self.conv_features:
-            x = DigitFeatures(
-                conv_impl=self.conv_impl,
-                conv_operands=self.conv_operands,
-                dtype=self.dtype,
-                name="feature",
-            )(x)
-        head = MLPHead((*self.hidden, self.out_dim), dtype=self.dtype, name="head")
-        return head(x).astype(jnp.float32)
+            self.feature = DigitFeatures(self.conv, self.pool, self.dtype)
+        self.head = MLPHead((*self.hidden, self.out_dim), dtype=self.dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The head's float32 outputs for inputs `x` (images or feature vectors)."""
+        return self.classify(self.features(x))
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """The digit features of images, or the feature vectors `x` themselves."""
+        return self.feature(x) if self.conv_features else x
+
+    def classify(self, features: jax.Array) -> jax.Array:
+        """The head's outputs, in float32."""
+        return self.head(features).astype(jnp.float32)
 
 
 def load_data(config: ml_collections.ConfigDict) -> zsl_data.ZeroShotData:
@@ -135,13 +141,17 @@ def build(config: ml_collections.ConfigDict) -> Method:
     prior = jnp.asarray(seen_attrs.mean(0))
 
     out_dim = {"dap": attrs.shape[1], "embedding": embeddings.shape[1], "conse": len(seen)}
+    conv_ops = ops.conv_from_config(config.model)
     model = ZeroShotNet(
         out_dim=out_dim.get(kind, 1),
         hidden=tuple(config.model.hidden),
         conv_features=key == "image",
-        **layers.conv_options(config.model),
+        conv=conv_ops.conv,
+        pool=conv_ops.pool,
         dtype=jnp.dtype(config.model.dtype),
     )
+    if model.conv_features and conv_ops.microbatch:
+        model = ops.MicrobatchedFeatures(model, conv_ops.microbatch)
     example = zsd.train[key][:1]
 
     def preprocess(inputs):

@@ -6,16 +6,18 @@ these layers in forward order and "transfer the first n layers" means what it do
 Sized for small images (28x28 digits, 32x32 CIFAR).
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tljax.models import layers
-
 # 2x2 max-pools after these convs: 28x28 inputs reach fc6 as 3x3 maps, 32x32 ones as 4x4.
 POOL_AFTER = (1, 3, 5)
+
+# A Flax module class or a functools.partial of one, as in the Flax examples.
+ModuleDef = Any
 
 
 class ConvNet8(nn.Module):
@@ -25,28 +27,21 @@ class ConvNet8(nn.Module):
       num_classes: outputs of ``fc8``.
       widths: channels of conv1..conv5.
       hidden: units of fc6 and fc7.
-      conv_impl: conv/pool lowering (see ``tljax.models.layers``).
-      conv_operands: the convolutions' matmul operand dtype (``layers.CONV_OPERANDS``).
+      conv: the convolution module (``nn.Conv`` or a drop-in such as ``tljax.ops.Conv``).
+      pool: max pooling with ``nn.max_pool``'s signature.
       dtype: compute dtype (params stay float32).
     """
 
     num_classes: int = 10
     widths: tuple[int, int, int, int, int] = (32, 32, 64, 64, 64)
     hidden: int = 256
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ModuleDef = nn.Conv
+    pool: Callable[..., jax.Array] = nn.max_pool
     dtype: Any = None
 
     def setup(self):
         self.convs = [
-            layers.Conv(
-                width,
-                (3, 3),
-                impl=self.conv_impl,
-                operands=self.conv_operands,
-                dtype=self.dtype,
-                name=f"conv{i}",
-            )
+            self.conv(width, (3, 3), padding="SAME", dtype=self.dtype, name=f"conv{i}")
             for i, width in enumerate(self.widths, start=1)
         ]
         self.fc6 = nn.Dense(self.hidden, dtype=self.dtype)
@@ -63,7 +58,7 @@ class ConvNet8(nn.Module):
         for i, conv in enumerate(self.convs, start=1):
             x = nn.relu(conv(x))
             if i in POOL_AFTER:
-                x = layers.max_pool(x, (2, 2), impl=self.conv_impl)
+                x = self.pool(x, (2, 2), strides=(2, 2))
         x = nn.relu(self.fc6(x.reshape(x.shape[0], -1)))
         return nn.relu(self.fc7(x))
 

@@ -1,4 +1,4 @@
-"""Gradient reversal layer (Ganin & Lempitsky 2015)."""
+"""Gradient reversal layer and its schedule (Ganin & Lempitsky 2015)."""
 
 import functools
 
@@ -31,3 +31,16 @@ def _grl_bwd(scale, g):
 
 
 gradient_reversal.defvjp(_grl_fwd, _grl_bwd)
+
+
+def grl_lambda(p, gamma: float = 10.0) -> jax.Array:
+    """The paper's reversal schedule, 2 / (1 + exp(-gamma p)) - 1: 0 at p=0, ~1 at p=1.
+
+    Args:
+      p: training progress in [0, 1] (``tljax.optim.progress``).
+      gamma: steepness (10 in the paper).
+
+    Returns:
+      lambda_p as float32.
+    """
+    return 2.0 / (1.0 + jnp.exp(-gamma * jnp.asarray(p, jnp.float32))) - 1.0

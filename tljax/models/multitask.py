@@ -1,6 +1,6 @@
 """Hard parameter sharing: one network per task whose layers are shared or task-specific.
 
-Every task runs the same *template* network (any Linen module, e.g. `DigitClassifier`); which
+Every task runs the same *template* network (any Linen module, e.g. `DigitNet`); which
 layers all tasks share is a set of path patterns over the template's params, exactly the patterns
 of layer transfer (`tljax.params.select`: ``feature``, ``label/dense_0``, ``first:2``, ...). The
 multi-task params hold each shared leaf once and each task-specific leaf once per task:
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import numpy as np
+from flax import traverse_util
 
 from tljax import params as ptree
 
@@ -35,27 +35,18 @@ SHARED = "shared"
 TASKS = "tasks"
 
 
-def split_tree(tree: Params, keep: Callable[[str], bool], prefix: str = "") -> Params:
+def split_tree(tree: Params, keep: Callable[[str], bool]) -> Params:
     """The nested-dict subtree of the leaves whose path ``keep`` accepts (empty dicts pruned).
 
     Args:
       tree: nested dicts of leaves.
-      keep: path -> whether the leaf belongs to the subtree.
-      prefix: path of ``tree`` itself (for recursion).
+      keep: path (``'feature/conv_0/kernel'``) -> whether the leaf belongs to the subtree.
 
     Returns:
       A nested dict holding only the kept leaves.
     """
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else key
-        if isinstance(value, dict):
-            sub = split_tree(value, keep, path)
-            if sub:
-                out[key] = sub
-        elif keep(path):
-            out[key] = value
-    return out
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if keep(p)}, sep="/")
 
 
 def merge_trees(first: Params, second: Params) -> Params:
@@ -121,7 +112,7 @@ class HardSharing:
         first = self.tasks[0]
         mask = ptree.select(shapes[first], self.shared_patterns, self.layers)
         paths = frozenset(ptree.selected_paths(mask))
-        flat = {task: _flat_shapes(tree) for task, tree in shapes.items()}
+        flat = {task: _leaf_shapes(tree) for task, tree in shapes.items()}
         mismatched = [
             f"{path}: " + ", ".join(f"{task} {flat[task][path]}" for task in self.tasks)
             for path in sorted(paths)
@@ -176,11 +167,9 @@ class HardSharing:
         )
 
 
-def _flat_shapes(tree: Params) -> dict[str, tuple[int, ...]]:
-    return {
-        ptree.path_of(kp): tuple(np.shape(leaf))
-        for kp, leaf in jax.tree_util.tree_leaves_with_path(tree)
-    }
+def _leaf_shapes(tree: Params) -> dict[str, tuple[int, ...]]:
+    """Leaf path -> shape of a tree of arrays or ``jax.ShapeDtypeStruct``s."""
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def sharing_table(sharing: HardSharing) -> str:
@@ -198,13 +187,6 @@ def sharing_table(sharing: HardSharing) -> str:
         kind = "shared" if layer in shared else f"per task ({', '.join(sharing.tasks)})"
         rows.append(f"| {layer} | {kind} |")
     return "\n".join(rows)
-
-
-def shared_selection(params: Params) -> Params:
-    """Boolean pytree over multi-task params: True on the shared leaves."""
-    return jax.tree_util.tree_map_with_path(
-        lambda kp, _: ptree.path_of(kp).startswith(SHARED + "/"), params
-    )
 
 
 def sequence_of(values: Sequence[str] | str | None) -> tuple[str, ...]:

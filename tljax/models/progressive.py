@@ -22,7 +22,8 @@ task fine-tunes, with one head per task: ``column_0/head_<k>``; the forgetting b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -30,22 +31,17 @@ import jax
 import jax.numpy as jnp
 
 from tljax import params as ptree
-from tljax.models import layers
 
 MODES = ("progressive", "independent", "finetune")
 KERNEL = (5, 5)
 
+# A Flax module class or a functools.partial of one, as in the Flax examples.
+ModuleDef = Any
 
-def _conv(module: nn.Module, features: int, kernel: tuple[int, int], **kwargs) -> layers.Conv:
-    """A conv layer with ``module``'s ``conv_impl``, ``conv_operands`` and ``dtype``."""
-    return layers.Conv(
-        features,
-        kernel,
-        impl=module.conv_impl,
-        operands=module.conv_operands,
-        dtype=module.dtype,
-        **kwargs,
-    )
+
+def _conv(module: nn.Module, features: int, kernel: tuple[int, int], **kwargs) -> nn.Module:
+    """A conv layer made by ``module.conv`` in ``module.dtype``."""
+    return module.conv(features, kernel, dtype=module.dtype, **kwargs)
 
 
 class Adapter(nn.Module):
@@ -57,15 +53,14 @@ class Adapter(nn.Module):
       into_conv: whether the receiving layer is a convolution (U is then a 5x5 convolution);
         otherwise U is dense (and a feature map is flattened after V).
       alpha_init: alpha starts uniform in [0, alpha_init).
-      conv_impl, conv_operands, dtype: as for ``tljax.models.digits.DigitFeatures``.
+      conv, dtype: as for ``tljax.models.digits.DigitFeatures``.
     """
 
     features: int
     reduced: int
     into_conv: bool
     alpha_init: float = 0.1
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ModuleDef = nn.Conv
     dtype: Any = None
 
     @nn.compact
@@ -87,26 +82,42 @@ class Adapter(nn.Module):
         )
 
 
-class Column(nn.Module):
-    """One digit-network column, optionally receiving adapters from earlier columns.
+class _ColumnConfig(nn.Module):
+    """The fields that shape a column; `ProgressiveNet` passes its own on to every `Column`.
 
     Attributes:
-      heads: task index -> classes, one linear head per entry (``head_<task>``).
       conv_widths: output channels of the 5x5 conv-pool-ReLU layers.
       dense_widths: widths of the dense-ReLU layers before the heads.
       reduction: V reduces its input width by this factor (at least one unit).
       alpha_init: adapters' alpha starts uniform in [0, alpha_init).
-      conv_impl, conv_operands, dtype: as for ``tljax.models.digits.DigitFeatures``.
+      conv, pool, dtype: as for ``tljax.models.digits.DigitFeatures``.
     """
 
-    heads: tuple[tuple[int, int], ...]
     conv_widths: tuple[int, ...] = (32, 48)
     dense_widths: tuple[int, ...] = (100, 100)
     reduction: int = 4
     alpha_init: float = 0.1
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ModuleDef = nn.Conv
+    pool: Callable[..., jax.Array] = nn.max_pool
     dtype: Any = None
+
+
+_COLUMN_FIELDS = tuple(
+    field.name
+    for field in dataclasses.fields(_ColumnConfig)
+    if field.name not in ("parent", "name")
+)
+
+
+class Column(_ColumnConfig, kw_only=True):
+    """One digit-network column, optionally receiving adapters from earlier columns.
+
+    Attributes:
+      heads: task index -> classes, one linear head per entry (``head_<task>``).
+      conv_widths, dense_widths, reduction, alpha_init, conv, pool, dtype: see `_ColumnConfig`.
+    """
+
+    heads: tuple[tuple[int, int], ...]
 
     def _lateral(self, name: str, features: int, into_conv: bool, sources, index: int):
         total = 0.0
@@ -118,9 +129,8 @@ class Column(nn.Module):
                 reduced,
                 into_conv,
                 self.alpha_init,
-                self.conv_impl,
-                self.conv_operands,
-                self.dtype,
+                conv=self.conv,
+                dtype=self.dtype,
                 name=f"lateral_{j}_{name}",
             )
             total = total + adapter(h)
@@ -146,7 +156,7 @@ class Column(nn.Module):
             if i > 0:
                 pre = pre + self._lateral(name, width, True, earlier, i - 1)
             # relu(maxpool(x)) == maxpool(relu(x)); pooling first is cheaper (see digits.py).
-            h = nn.relu(layers.max_pool(pre, (2, 2), impl=self.conv_impl))
+            h = nn.relu(self.pool(pre, (2, 2), strides=(2, 2)))
             hiddens.append(h)
         offset = len(self.conv_widths)
         for i, width in enumerate(self.dense_widths):
@@ -164,38 +174,22 @@ class Column(nn.Module):
         return hiddens, logits
 
 
-class ProgressiveNet(nn.Module):
+class ProgressiveNet(_ColumnConfig, kw_only=True):
     """Columns for tasks 0..K (or one fine-tuned trunk with K+1 heads); see the module doc.
 
     Attributes:
       task_classes: classes of each task so far, in order; the last one is trained now.
       mode: 'progressive', 'independent' or 'finetune'.
-      conv_widths, dense_widths, reduction, alpha_init, conv_impl, conv_operands, dtype: every
-        column's (``Column``).
+      conv_widths, dense_widths, reduction, alpha_init, conv, pool, dtype: every column's (see
+        `_ColumnConfig`).
     """
 
     task_classes: tuple[int, ...]
     mode: str = "progressive"
-    conv_widths: tuple[int, ...] = (32, 48)
-    dense_widths: tuple[int, ...] = (100, 100)
-    reduction: int = 4
-    alpha_init: float = 0.1
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
-    dtype: Any = None
 
     def _column(self, heads, name):
-        return Column(
-            heads=heads,
-            conv_widths=self.conv_widths,
-            dense_widths=self.dense_widths,
-            reduction=self.reduction,
-            alpha_init=self.alpha_init,
-            conv_impl=self.conv_impl,
-            conv_operands=self.conv_operands,
-            dtype=self.dtype,
-            name=name,
-        )
+        config = {field: getattr(self, field) for field in _COLUMN_FIELDS}
+        return Column(heads=heads, name=name, **config)
 
     @nn.compact
     def __call__(self, images: jax.Array) -> tuple[jax.Array, ...]:

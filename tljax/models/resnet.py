@@ -38,8 +38,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tljax.models import layers
-
 __all__ = [
     "NORMS",
     "RESNETS",
@@ -60,6 +58,8 @@ __all__ = [
 NORMS = ("affine", "group")
 
 Array = jax.Array
+# A Flax module class or a functools.partial of one, as in the Flax examples.
+ModuleDef = Any
 
 # torchvision initialises convolutions with kaiming_normal_(mode="fan_out", nonlinearity="relu").
 _CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -118,30 +118,26 @@ class _ConvNormLayer(nn.Module):
       features: base number of channels of the module.
       strides: stride of the module's spatial downsampling.
       norm: one of ``NORMS``.
-      conv_impl: convolution and pooling lowering, one of ``layers.CONV_IMPLS``.
-      conv_operands: convolution matmul operand dtype, a key of ``layers.CONV_OPERANDS``.
+      conv: the convolution module (``nn.Conv`` or a drop-in such as ``tljax.ops.Conv``).
       dtype: computation dtype (parameters stay float32).
     """
 
     features: int
     strides: int = 1
     norm: str = "affine"
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ModuleDef = nn.Conv
     dtype: Any = None
 
-    def _conv(self, features: int, kernel: int, strides: int, name: str) -> layers.Conv:
+    def _conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
         # Explicit symmetric padding, as in PyTorch: 'SAME' would pad a stride-2 3x3 convolution
         # of an even-sized input by (0, 1) instead of (1, 1), shifting the features by a pixel
         # against the pretrained weights.
-        return layers.Conv(
+        return self.conv(
             features,
             (kernel, kernel),
             strides=strides,
             padding=kernel // 2,
             use_bias=False,
-            impl=self.conv_impl,
-            operands=self.conv_operands,
             dtype=self.dtype,
             kernel_init=_CONV_INIT,
             name=name,
@@ -152,7 +148,13 @@ class _ConvNormLayer(nn.Module):
 
 
 class Stem(_ConvNormLayer):
-    """conv7x7/2 (padding 3) -> norm -> relu -> maxpool 3x3/2 (padding 1)."""
+    """conv7x7/2 (padding 3) -> norm -> relu -> maxpool 3x3/2 (padding 1).
+
+    Attributes:
+      pool: max pooling with ``nn.max_pool``'s signature.
+    """
+
+    pool: Callable[..., Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, images: Array) -> Array:
@@ -166,7 +168,7 @@ class Stem(_ConvNormLayer):
         """
         x = self._conv(self.features, 7, self.strides, "conv")(images)
         x = nn.relu(self._norm(self.features, "norm")(x))
-        return layers.max_pool(x, (3, 3), strides=(2, 2), padding=1, impl=self.conv_impl)
+        return self.pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
 class Downsample(_ConvNormLayer):
@@ -206,8 +208,7 @@ class ResidualBlock(_ConvNormLayer):
             out_channels,
             strides=self.strides,
             norm=self.norm,
-            conv_impl=self.conv_impl,
-            conv_operands=self.conv_operands,
+            conv=self.conv,
             dtype=self.dtype,
             name="downsample",
         )(x)
@@ -286,8 +287,7 @@ class Stage(_ConvNormLayer):
                 self.features,
                 strides=self.strides if index == 0 else 1,
                 norm=self.norm,
-                conv_impl=self.conv_impl,
-                conv_operands=self.conv_operands,
+                conv=self.conv,
                 dtype=self.dtype,
                 name=f"block{index}",
             )(x)
@@ -305,8 +305,8 @@ class ResNet(nn.Module):
         later stage doubles it. Smaller values give cheap networks of the same layout (tests).
       norm: one of ``NORMS``: ``'affine'`` (frozen BatchNorm, for pretrained weights) or
         ``'group'`` (GroupNorm, for training from scratch).
-      conv_impl: convolution and pooling lowering, one of ``layers.CONV_IMPLS``.
-      conv_operands: convolution matmul operand dtype, a key of ``layers.CONV_OPERANDS``.
+      conv: the convolution module (``nn.Conv`` or a drop-in such as ``tljax.ops.Conv``).
+      pool: the stem's max pooling, with ``nn.max_pool``'s signature.
       dtype: computation dtype (parameters stay float32; logits are returned in float32).
     """
 
@@ -315,18 +315,13 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     width: int = 64
     norm: str = "affine"
-    conv_impl: str = "auto"
-    conv_operands: str = "float32"
+    conv: ModuleDef = nn.Conv
+    pool: Callable[..., Array] = nn.max_pool
     dtype: Any = None
 
     def setup(self):
-        layer_kwargs = {
-            "norm": self.norm,
-            "conv_impl": self.conv_impl,
-            "conv_operands": self.conv_operands,
-            "dtype": self.dtype,
-        }
-        self.stem = Stem(self.width, strides=2, **layer_kwargs)
+        layer_kwargs = {"norm": self.norm, "conv": self.conv, "dtype": self.dtype}
+        self.stem = Stem(self.width, strides=2, pool=self.pool, **layer_kwargs)
         for index, num_blocks in enumerate(self.stage_sizes):
             # Assigned by name, not as a list, so that the params read stage1, stage2, ...
             # rather than stages_0, stages_1, ...: the names torchvision users know as layer1...
@@ -400,7 +395,8 @@ def resnet(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     Args:
       name: 'resnet18', 'resnet34' or 'resnet50'.
       num_classes: outputs of the head.
-      **kwargs: further ``ResNet`` attributes (``norm``, ``conv_impl``, ``dtype``, ``width``).
+      **kwargs: further ``ResNet`` attributes (``norm``, ``conv``, ``pool``, ``dtype``,
+        ``width``).
 
     Returns:
       The unbound module.

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tljax.models import layers
+from tljax import ops
 from tljax.self_taught.patches import Whitening
 
 
@@ -143,8 +143,8 @@ def digit_features(
     @jax.jit
     def features(chunk):
         x = chunk.astype(jnp.float32) / scale
-        hidden = nn.sigmoid(layers.conv2d(x, kernel, padding="VALID") + bias)
-        return layers.avg_pool(hidden, window).reshape(len(chunk), -1)
+        hidden = nn.sigmoid(ops.conv2d(x, kernel, padding="VALID") + bias)
+        return ops.avg_pool(hidden, window).reshape(len(chunk), -1)
 
     return np.concatenate(
         [np.asarray(features(images[i : i + batch])) for i in range(0, len(images), batch)]

@@ -1,0 +1,48 @@
+"""Helpers shared by the tests (fixtures live in conftest.py): `from helpers import shrink`."""
+
+import jax
+import jax.extend
+
+
+def shrink(config, data_dir, steps=4, eval_every=None, batch_size=16, eval_batch_size=500):
+    """A config cut down to a few small steps on the embedded data in `data_dir`.
+
+    Args:
+      config: any experiment config (modified in place).
+      data_dir: the session's prepared tfds data_dir.
+      steps: training steps.
+      eval_every: steps between evals and checkpoints (default: only at the end).
+      batch_size: global training batch size.
+      eval_batch_size: global eval batch size.
+
+    Returns:
+      ``config``.
+    """
+    config.data.data_dir = data_dir
+    config.train.steps = steps
+    config.train.batch_size = batch_size
+    config.train.log_every = max(1, steps // 2)
+    config.eval.every = config.checkpoint.every = eval_every or steps
+    config.eval.batch_size = eval_batch_size
+    return config
+
+
+def conv_operand_dtypes(jaxpr) -> list:
+    """The input dtype of every convolution in a jaxpr and its sub-jaxprs.
+
+    Args:
+      jaxpr: a ``jax.extend.core.Jaxpr`` (e.g. ``jax.make_jaxpr(f)(*args).jaxpr``).
+
+    Returns:
+      The dtype of the first operand of each ``conv_general_dilated``, in program order.
+    """
+    dtypes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "conv_general_dilated":
+            dtypes.append(eqn.invars[0].aval.dtype)
+        for value in eqn.params.values():
+            if isinstance(value, jax.extend.core.ClosedJaxpr):
+                dtypes += conv_operand_dtypes(value.jaxpr)
+            elif isinstance(value, jax.extend.core.Jaxpr):
+                dtypes += conv_operand_dtypes(value)
+    return dtypes
