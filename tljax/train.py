@@ -4,8 +4,6 @@ Every method reuses `train_and_evaluate` unchanged; a method only supplies its
 params, loss, eval and batch layout (`tljax.methods.Method`).
 """
 
-import contextlib
-import json
 import math
 import os
 import time
@@ -22,6 +20,7 @@ from flax import traverse_util
 
 from tljax import host, methods, optim, parallel, run_log, transfer
 from tljax import params as ptree
+from tljax import results as run_results
 from tljax.data import pipeline
 
 State = dict[str, Any]
@@ -277,7 +276,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     """Trains `config.method` and evaluates it; resumes from `workdir` if it has checkpoints.
 
     A run may take several processes (launches): one killed, the next resuming from the last
-    checkpoint. Its results.json covers all of them (see `RESULTS_FILE`); relaunching a finished
+    checkpoint. Its results.json covers all of them (see `tljax.results`); relaunching a finished
     run returns its results and leaves them as they are.
 
     Args:
@@ -314,10 +313,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state, first_step = restore_latest(manager, state)
 
     is_lead = jax.process_index() == 0
-    previous, previous_path = previous_results(workdir)
-    if first_step >= num_steps and previous and _last_step(previous) == first_step:
-        return _already_finished(workdir, previous, previous_path, is_lead)
-    history, launches = _carried_over(previous, first_step)
+    previous, previous_path = run_results.previous(workdir)
+    if first_step >= num_steps and previous and run_results.last_step(previous) == first_step:
+        return run_results.already_finished(workdir, previous, previous_path, is_lead)
+    history, launches = run_results.carried_over(previous, first_step)
 
     log = run_log.make_run_log(workdir, is_lead, num_steps, config.train.log_every_secs)
     if first_step == 0:
@@ -384,12 +383,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                     manager.save(done, args=ocp.args.StandardSave(state))
                 last_saved = done
                 if is_lead:
-                    launch = _launch(first_step, done, start_time, loop_start, log.phase_seconds())
+                    launch = run_results.launch_record(
+                        first_step, done, start_time, loop_start, log.phase_seconds()
+                    )
                     final = {**train_metrics, **eval_metrics}
-                    partial = _results(about, final, history, [*launches, launch], config)
-                    _write_results(workdir, partial, partial=True)
+                    partial = run_results.assemble(
+                        about, final, history, [*launches, launch], config
+                    )
+                    run_results.write(workdir, partial, partial=True)
         jax.block_until_ready(state)
-        train_s = _train_seconds(loop_start, log.phase_seconds())
+        train_s = run_results.train_seconds(loop_start, log.phase_seconds())
         if first_step >= num_steps:
             # A finished run without its results (e.g. killed while writing them).
             with log.timed("eval"):
@@ -404,140 +407,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         log.close()
 
     last_step = max(first_step, num_steps)
-    launch = _launch(first_step, last_step, start_time, loop_start, log.phase_seconds(), train_s)
+    launch = run_results.launch_record(
+        first_step, last_step, start_time, loop_start, log.phase_seconds(), train_s
+    )
     final = {**train_metrics, **eval_metrics}
-    results = _results(about, final, history, [*launches, launch], config)
-    path = _write_results(workdir, results) if is_lead else os.path.join(workdir, RESULTS_FILE)
-    logging.info("%s", _summary(results, path))
-    return results
-
-
-# ---------------------------------------------------------------- results ----
-
-# results.json: the run's final and per-evaluation metrics, config and cost. A run made by several
-# processes (launches; one killed, the next resuming from its last checkpoint) has every
-# evaluation up to its last step once, `wall_time_s` and `timing_s` summed over its launches
-# (a killed launch counts until its last checkpoint), and one entry per launch in `launches`:
-# {from_step, to_step, wall_time_s, timing_s}. `timing_s` splits the wall time into setup (data,
-# init, restore), compile, train (the steps and the input pipeline), eval and checkpoint seconds.
-# `resumed_from_step` and `compile_time_s` are the last launch's.
-RESULTS_FILE = "results.json"
-# The same, written at every checkpoint, so that the launch after a killed one keeps what it
-# measured. results.json itself appears only when a launch finishes: sweeps read it as "done".
-PARTIAL_RESULTS_FILE = "results.partial.json"
-PHASES = ("setup", "compile", "train", "eval", "checkpoint")
-
-
-def previous_results(workdir: str) -> tuple[dict | None, str | None]:
-    """The newest results an earlier launch of the run in ``workdir`` wrote.
-
-    Args:
-      workdir: the run's workdir.
-
-    Returns:
-      (results, path): from results.json or, where that is older, results.partial.json;
-      (None, None) if there are none.
-    """
-    found = []
-    for name in (RESULTS_FILE, PARTIAL_RESULTS_FILE):
-        path = os.path.join(workdir, name)
-        if os.path.exists(path):
-            with open(path) as f:
-                found.append((json.load(f), path))
-    # max keeps the first of equals: a finished launch's results.json over its last partial.
-    return max(found, key=lambda pair: _last_step(pair[0]), default=(None, None))
-
-
-def _last_step(results: dict) -> int:
-    # Results written before launches were recorded describe their final step.
-    return results.get("last_step", results.get("steps", 0))
-
-
-def _carried_over(previous: dict | None, first_step: int) -> tuple[list[dict], list[dict]]:
-    if previous is None or first_step == 0:
-        return [], []
-    # Evaluations after the restored checkpoint went with the launch that made them; this
-    # launch makes them again.
-    history = [entry for entry in previous.get("history", []) if entry["step"] <= first_step]
-    return history, list(previous.get("launches", []))
-
-
-def _train_seconds(loop_start: float, phases: dict[str, float]) -> float:
-    # The loop's time that no phase took: the steps and the input pipeline.
-    return time.perf_counter() - loop_start - sum(phases.values())
-
-
-def _launch(
-    first_step: int,
-    last_step: int,
-    start_time: float,
-    loop_start: float,
-    phases: dict[str, float],
-    train_s: float | None = None,
-) -> dict:
-    if train_s is None:
-        train_s = _train_seconds(loop_start, phases)
-    timing = {"setup": loop_start - start_time, "train": train_s}
-    timing |= {name: phases.get(name, 0.0) for name in ("compile", "eval", "checkpoint")}
-    return {
-        "from_step": first_step,
-        "to_step": last_step,
-        "wall_time_s": time.perf_counter() - start_time,
-        "timing_s": {name: timing[name] for name in PHASES},
-    }
-
-
-def _results(about: dict, final: dict, history: list[dict], launches: list[dict], config) -> dict:
-    return {
-        "final": final,
-        "history": list(history),
-        "last_step": launches[-1]["to_step"],
-        **about,
-        "wall_time_s": sum(launch["wall_time_s"] for launch in launches),
-        "timing_s": {
-            name: sum(launch["timing_s"].get(name, 0.0) for launch in launches) for name in PHASES
-        },
-        "launches": launches,
-        "config": config.to_dict(),
-    }
-
-
-def _write_results(workdir: str, results: dict, partial: bool = False) -> str:
-    path = os.path.join(workdir, PARTIAL_RESULTS_FILE if partial else RESULTS_FILE)
-    # Written whole or not at all: a launch may be killed at any moment.
-    with open(path + ".tmp", "w") as f:
-        json.dump(results, f, indent=2, default=str)
-    os.replace(path + ".tmp", path)
-    if not partial:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(workdir, PARTIAL_RESULTS_FILE))
-    return path
-
-
-def _already_finished(workdir: str, results: dict, path: str, is_lead: bool) -> dict:
-    if is_lead and os.path.basename(path) != RESULTS_FILE:
-        path = _write_results(workdir, results)
-    logging.info(
-        "Step %d/%d was already done; results (kept as they were): %s",
-        _last_step(results),
-        results["steps"],
-        path,
+    results = run_results.assemble(about, final, history, [*launches, launch], config)
+    path = (
+        run_results.write(workdir, results)
+        if is_lead
+        else os.path.join(workdir, run_results.RESULTS_FILE)
     )
+    logging.info("%s", run_results.summary(results, path))
     return results
-
-
-def _summary(results: dict, path: str) -> str:
-    launches = len(results["launches"])
-    over = f" over {launches} launches" if launches > 1 else ""
-    return (
-        f"Done: step {results['last_step']}/{results['steps']} in "
-        f"{results['wall_time_s']:.1f} s{over} ({_format_timing(results['timing_s'])}); "
-        f"results: {path}"
-    )
-
-
-def _format_timing(timing: dict[str, float]) -> str:
-    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timing.items())
 
 
 def _flush(buffer: MetricBuffer, manager, last_saved) -> dict[str, float]:
