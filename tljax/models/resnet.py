@@ -189,9 +189,28 @@ class Downsample(_ConvNormLayer):
 
 
 class ResidualBlock(_ConvNormLayer):
-    """A residual block; its output has ``features * expansion`` channels."""
+    """A residual block ``relu(branch(x) + shortcut(x))``; subclasses define ``_branch``.
+
+    Its output has ``features * expansion`` channels.
+    """
 
     expansion: ClassVar[int] = 1
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        """Applies the block.
+
+        Args:
+          x: ``(N, H, W, C)`` input.
+
+        Returns:
+          ``(N, H / strides, W / strides, features * expansion)`` output.
+        """
+        return nn.relu(self._branch(x) + self._shortcut(x))
+
+    def _branch(self, x: Array) -> Array:
+        """The residual branch, ending in ``_last_norm``; called from ``__call__``."""
+        raise NotImplementedError
 
     def _last_norm(self, channels: int, name: str) -> nn.Module:
         # The last norm of the residual branch starts with zero scale (Goyal et al. 2017), so
@@ -219,21 +238,11 @@ class BasicBlock(ResidualBlock):
 
     expansion: ClassVar[int] = 1
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """Applies the block.
-
-        Args:
-          x: ``(N, H, W, C)`` input.
-
-        Returns:
-          ``(N, H / strides, W / strides, features)`` output.
-        """
+    def _branch(self, x: Array) -> Array:
         y = self._conv(self.features, 3, self.strides, "conv1")(x)
         y = nn.relu(self._norm(self.features, "norm1")(y))
         y = self._conv(self.features, 3, 1, "conv2")(y)
-        y = self._last_norm(self.features, "norm2")(y)
-        return nn.relu(y + self._shortcut(x))
+        return self._last_norm(self.features, "norm2")(y)
 
 
 class Bottleneck(ResidualBlock):
@@ -241,24 +250,14 @@ class Bottleneck(ResidualBlock):
 
     expansion: ClassVar[int] = 4
 
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        """Applies the block.
-
-        Args:
-          x: ``(N, H, W, C)`` input.
-
-        Returns:
-          ``(N, H / strides, W / strides, 4 * features)`` output.
-        """
+    def _branch(self, x: Array) -> Array:
         out_channels = self.features * self.expansion
         y = self._conv(self.features, 1, 1, "conv1")(x)
         y = nn.relu(self._norm(self.features, "norm1")(y))
         y = self._conv(self.features, 3, self.strides, "conv2")(y)
         y = nn.relu(self._norm(self.features, "norm2")(y))
         y = self._conv(out_channels, 1, 1, "conv3")(y)
-        y = self._last_norm(out_channels, "norm3")(y)
-        return nn.relu(y + self._shortcut(x))
+        return self._last_norm(out_channels, "norm3")(y)
 
 
 class Stage(_ConvNormLayer):
