@@ -14,16 +14,34 @@ A config with get_sweep() runs as a sweep (tljax/sweep.py): every point in its o
 Compiled programs go to a persistent cache (--compilation_cache), so a later run or sweep
 point with the same shapes and settings loads its train step instead of compiling it.
 
+Bad input (a missing config file, an unknown field, a config value, a split or file that
+cannot work) stops the launch before any training with one "Error: ..." line and exit status 2
+(tljax/cli.py, tljax/validate.py).
+
+SIGTERM or SIGINT (Ctrl-C) during training saves a checkpoint at the step in flight and exits
+with status 75 (EX_TEMPFAIL): relaunch the same command to resume (tljax/stopping.py,
+tljax/preemption.py; BUILD.md has a SLURM requeue example). A run whose training predictions
+collapse to chance level is stopped with status 1 (tljax/collapse.py).
+
+A workdir holds one run (tljax/workdir.py): a second launch on a workdir in use stops at once,
+naming the holder; a launch whose config differs from the one recorded in <workdir>/config.json
+stops before any work, listing the differing fields, unless --allow_config_change. --workdir
+must be a local or network-filesystem path (gs://... is refused). Resuming skips damaged or
+incomplete checkpoints for the newest good one (tljax/checkpoints.py).
+
 The log shows tljax's lines and every warning; --verbosity=1 (-v 1) adds the libraries' INFO
 and everyone's DEBUG lines (Orbax, tfds, clu, JAX, TensorFlow).
 """
 
 import contextlib
+import functools
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from tljax import cli, stopping, validate
 
 # XLA checks on load that an entry was compiled for this machine's CPU features and recompiles
 # otherwise, so a home directory shared by different machines is safe.
@@ -45,6 +63,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     None,
     "Directory of JAX's persistent compilation cache. Default: $JAX_COMPILATION_CACHE_DIR if "
     f"set, else {DEFAULT_COMPILATION_CACHE}. '' turns the cache off.",
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir whose run was made with another config (its config.json); without it such "
+    "a launch stops, listing the fields that differ (tljax/workdir.py).",
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -98,6 +122,8 @@ def _hide_accelerators_from_tensorflow(quiet: bool) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    # Before TensorFlow and JAX load and before the workdir exists (tljax/validate.py).
+    validate.check_config(_CONFIG.value)
     if _SWEEP_COMMANDS.value:
         from tljax import sweep
 
@@ -129,18 +155,25 @@ def main(argv):
         jax.device_count(),
     )
 
-    from tljax import train
+    from tljax import train, workdir
 
-    os.makedirs(_WORKDIR.value, exist_ok=True)
+    # Refuses a URL (gs://...) or a file before anything is written.
+    workdir.make(_WORKDIR.value)
+    train_fn = functools.partial(
+        train.train_and_evaluate, allow_config_change=_ALLOW_CONFIG_CHANGE.value
+    )
     if _SWEEP.value:
         from tljax import sweep
 
         config_spec = config_flags.get_config_filename(flags.FLAGS["config"])
         overrides = config_flags.get_override_values(flags.FLAGS["config"])
-        sweep.run_sweep(config_spec, _WORKDIR.value, overrides)
+        sweep.run_sweep(config_spec, _WORKDIR.value, overrides, train_fn)
         return
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    train_fn(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(
+        stopping.exit_on_stop(cli.exit_on_input_error(main)),
+        flags_parser=cli.flags_parser("config"),
+    )

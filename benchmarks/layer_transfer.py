@@ -70,6 +70,7 @@ def main(argv):
     split = "dissimilar" if "dissimilar" in name else "random"
     halves = ", ".join(f"{h} = {c}" for h, c in sorted(halves.items()))
     steps = sorted({r["steps"] for r in results.values()})
+    variant_suffix = f":{_VARIANT.value}" if _VARIANT.value else ""
     batch = sorted({r["config"].get("train", {}).get("batch_size") for r in results.values()})
     results_page.write_page(
         page,
@@ -77,7 +78,7 @@ def main(argv):
         table,
         figure=figure,
         settings=(
-            f"The sweep of configs/layer_transfer.py:{_VARIANT.value or '(defaults)'} "
+            f"The sweep of configs/layer_transfer.py{variant_suffix} "
             f"({len(results)} runs, {'/'.join(map(str, steps))} steps of "
             f"{'/'.join(map(str, batch))} each). The classes are split into halves A and B "
             f"({split} split: {halves}); baseA and baseB are "

@@ -76,8 +76,9 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores; JAX {jax.__version__} on {jax.device_count()} x "
         f"{device.device_kind} ({jax.default_backend()})"
     )
-    if hasattr(os, "getloadavg"):
-        line += f"; load average {os.getloadavg()[0]:.1f} when the page was written"
+    if hasattr(os, "getloadavg"):  # Other jobs on the machine: the 15-minute figure spans a run.
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        line += f"; load average (1, 5, 15 min) {load} when the page was written"
     return line
 
 

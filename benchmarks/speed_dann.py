@@ -415,7 +415,8 @@ def main(argv):
             "tljax's CPU lowerings (every stride-1 conv for `winograd`); `auto`, what every "
             "config uses, picks per layer on CPU and `xla` on accelerators. Speed on a "
             "shared CPU moves between runs; the ratio to PyTorch in the same run is the stable "
-            "figure. Earlier measurements on other machines: "
+            "figure, and whole runs, minutes each, are the most exposed to other jobs (see the "
+            "load average above). Earlier measurements on other machines: "
             "[cpu_speed_history.md](cpu_speed_history.md)."
         ),
     )

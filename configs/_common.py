@@ -3,6 +3,8 @@
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
+from tljax import collapse
+
 
 def add_training_blocks(
     config: ml_collections.ConfigDict,
@@ -25,7 +27,13 @@ def add_training_blocks(
       ``config``.
     """
     config.train = ml_collections.ConfigDict(
-        dict(steps=steps, batch_size=batch_size, log_every=100, log_every_secs=30.0)
+        dict(
+            steps=steps,
+            batch_size=batch_size,
+            log_every=100,
+            log_every_secs=30.0,
+            collapse=collapse.config_block(),
+        )
     )
     config.optimizer = ml_collections.ConfigDict(
         dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0)

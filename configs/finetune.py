@@ -20,9 +20,10 @@ Variants (after ':', comma separated):
   init_from=DIR  the pretraining run's workdir (default runs/pretrain)
   data=embedded|full, seed=N (seed also picks the K shots)
 
-Expected target test accuracy from the default pretraining run (embedded, README table,
-benchmarks/finetune_shots.py): shots=1: scratch 0.19, finetune 0.41, l2sp 0.56, output 0.46;
-shots=10: scratch 0.46, finetune 0.69, l2sp 0.69; shots=50: scratch 0.79, finetune 0.86.
+Reproduces, from the default pretraining run (embedded, seeds 0-2, benchmarks/finetune_shots.py,
+docs/results/finetune_shots.md), target test accuracy: shots=1: scratch 0.185, finetune 0.423,
+l2sp 0.557, output 0.454; shots=10: scratch 0.464, finetune 0.695, l2sp 0.694; shots=50:
+scratch 0.789, finetune 0.859.
 """
 
 import ml_collections

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import pytest
 from helpers import conv_operand_dtypes, shrink
 
-from tljax import methods
+from tljax import methods, validate
 from tljax.config_utils import parse_arg
 from tljax.data.pipeline import host_batch
 
@@ -41,7 +41,9 @@ def test_every_config_builds_its_method_optimizer_and_schedule(name, data_dir):
     from tljax import optim
 
     config = shrink(importlib.import_module(f"configs.{name}").get_config(), data_dir, batch_size=8)
+    validate.check_config(config)
     method = methods.build(config)
+    validate.check_method_inputs(config, method)  # No false alarm on any shipped config.
     schedule = optim.make_schedule(config.lr, config.train.steps)
     optimizer = optim.make_optimizer(config.optimizer, schedule)
     params = jax.eval_shape(method.init_params, jax.random.key(config.seed))
@@ -362,7 +364,9 @@ def test_launch_hands_the_variant_and_overrides_to_the_trainer(launch_flags, tmp
     from tljax import train
 
     calls = []
-    monkeypatch.setattr(train, "train_and_evaluate", lambda *args: calls.append(args))
+    monkeypatch.setattr(
+        train, "train_and_evaluate", lambda *args, **kwargs: calls.append((*args, kwargs))
+    )
     workdir = tmp_path / "run"
     argv = parse(
         "--config=configs/dann.py:seed=2,adversarial=False",
@@ -371,11 +375,12 @@ def test_launch_hands_the_variant_and_overrides_to_the_trainer(launch_flags, tmp
         f"--workdir={workdir}",
     )
     launch.main(argv)
-    [(config, got_workdir)] = calls
+    [(config, got_workdir, options)] = calls
     assert (config.seed, config.dann.adversarial) == (2, False)
     assert (config.train.batch_size, config.model.conv_impl) == (8, "xla")
     assert config.train.steps == 3000  # Everything else as configs/dann.py has it.
     assert got_workdir == str(workdir) and workdir.is_dir()
+    assert options == {"allow_config_change": False}
 
 
 def test_launch_names_an_unknown_config_field(launch_flags):

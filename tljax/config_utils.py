@@ -2,6 +2,8 @@
 
 import ast
 
+from tljax.validate import ConfigError
+
 
 def parse_arg(arg: str | None, **defaults) -> dict:
     """Parses a config variant string 'k1=v1,k2=v2' against typed defaults.
@@ -17,16 +19,16 @@ def parse_arg(arg: str | None, **defaults) -> dict:
       Dict of all keys with defaults overridden by `arg`.
 
     Raises:
-      ValueError: for a malformed item, a key that has no default, or a value that is not of
-        its default's type; the message names the item.
+      tljax.validate.ConfigError: (a ValueError) for a malformed item, a key that has no
+        default, or a value that is not of its default's type; the message names the item.
     """
     values = dict(defaults)
     for item in filter(None, (arg or "").split(",")):
         key, sep, raw = item.partition("=")
         if not sep:
-            raise ValueError(f"Config variant item {item!r} is not of the form key=value.")
+            raise ConfigError(f"Config variant item {item!r} is not of the form key=value.")
         if key not in defaults:
-            raise ValueError(f"Unknown config variant key {key!r}; accepted: {sorted(defaults)}.")
+            raise ConfigError(f"Unknown config variant key {key!r}; accepted: {sorted(defaults)}.")
         values[key] = _coerce(raw, defaults[key], key)
     return values
 
@@ -34,14 +36,19 @@ def parse_arg(arg: str | None, **defaults) -> dict:
 def _coerce(raw: str, default, key: str):
     if isinstance(default, bool):
         if raw.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"Config variant {key}={raw!r} is not a boolean.")
+            raise ConfigError(f"Config variant {key}={raw!r} is not a boolean.")
         return raw.lower() in ("true", "1")
     if isinstance(default, (int, float)):
         try:
             return type(default)(raw)
         except ValueError:
             kind = "an int" if isinstance(default, int) else "a number"
-            raise ValueError(f"Config variant {key}={raw!r} is not {kind}.") from None
+            raise ConfigError(f"Config variant {key}={raw!r} is not {kind}.") from None
     if isinstance(default, str) or default is None:
         return raw
-    return ast.literal_eval(raw)
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        raise ConfigError(
+            f"Config variant {key}={raw!r} is not a Python literal like its default {default!r}."
+        ) from None

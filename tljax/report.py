@@ -24,6 +24,9 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
+from tljax import cli
+from tljax.validate import DataError
+
 
 def collect(workdir: str) -> list[dict]:
     """One flat row per finished run under ``workdir``.
@@ -39,7 +42,11 @@ def collect(workdir: str) -> list[dict]:
     """
     paths = sorted(glob.glob(os.path.join(workdir, "*", "results.json")))
     if not paths:
-        raise FileNotFoundError(f"No */results.json under {workdir!r}: has the sweep run?")
+        single = os.path.isfile(os.path.join(workdir, "results.json"))
+        hint = " It is one run's workdir; give the sweep's, whose runs are its sub-directories."
+        raise FileNotFoundError(
+            f"No */results.json under {workdir!r}: has the sweep run?{hint if single else ''}"
+        )
     rows = []
     for path in paths:
         with open(path) as f:
@@ -73,14 +80,22 @@ def curves(rows: Sequence[dict], metric: str, base_half: str = "B") -> dict:
       ``{mode: {n: [values]}}``; 'base' has the single key 0.
 
     Raises:
-      ValueError: rows without experiment.mode / experiment.n, or without the metric.
+      tljax.validate.DataError: rows without experiment.mode / experiment.n, or without the
+        metric.
     """
     grouped: dict[str, dict[int, list[float]]] = {}
     for row in rows:
         if "experiment.mode" not in row or "experiment.n" not in row:
-            raise ValueError(f"Run {row['name']} has no config.experiment.mode / .n to group by.")
+            raise DataError(
+                f"Run {row['name']} has no config.experiment.mode / .n to group by: expected the "
+                "runs of a layer-transfer sweep (python launch.py --config=configs/"
+                "layer_transfer.py --workdir=DIR --sweep), one per sub-directory of DIR."
+            )
         if f"final.{metric}" not in row:
-            raise ValueError(f"Run {row['name']} has no final metric {metric!r}.")
+            metrics = sorted(key[len("final.") :] for key in row if key.startswith("final."))
+            raise DataError(
+                f"Run {row['name']} has no final metric {metric!r}; choose --metric from {metrics}."
+            )
         mode, n = row["experiment.mode"], int(row["experiment.n"])
         if mode == "base" and row.get("experiment.half", base_half) != base_half:
             continue
@@ -165,12 +180,17 @@ def write_report(workdir: str, out: str | None = None, metric: str = "test/accur
 
     Returns:
       The markdown table.
+
+    Raises:
+      FileNotFoundError: no run under ``workdir``.
+      tljax.validate.DataError: the runs are not a layer-transfer sweep (nothing is written).
     """
+    rows = collect(workdir)
+    # Grouping checks every row, so runs that are not a sweep leave no partial report behind.
+    grouped = curves(rows, metric)
     out = out or workdir
     os.makedirs(out, exist_ok=True)
-    rows = collect(workdir)
     write_csv(rows, os.path.join(out, "report.csv"))
-    grouped = curves(rows, metric)
     table = markdown_table(grouped, metric)
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(table + "\n")
@@ -185,8 +205,12 @@ _METRIC = flags.DEFINE_string("metric", "test/accuracy", "Final metric to tabula
 def main(argv):
     if len(argv) != 2:
         raise app.UsageError("Usage: python -m tljax.report WORKDIR [--out=DIR] [--metric=...]")
-    print(write_report(argv[1], _OUT.value, _METRIC.value))
+    try:
+        table = write_report(argv[1], _OUT.value, _METRIC.value)
+    except FileNotFoundError as error:  # collect's: no results.json under the directory.
+        raise DataError(str(error)) from None
+    print(table)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(cli.exit_on_input_error(main))

@@ -6,7 +6,9 @@ checkpoint. Its results.json has every evaluation up to its last step once, `wal
 entry per launch in `launches`: {from_step, to_step, wall_time_s, timing_s}. `timing_s` splits
 the wall time into setup (data, init, restore), compile, train (the steps and the input
 pipeline), eval and checkpoint seconds. `resumed_from_step` and `compile_time_s` are the last
-launch's.
+launch's. The trainer adds `status`: "ok", or "collapsed" with a `collapse` record
+(tljax/collapse.py); a results.partial.json written at a preemption says "preempted" and keeps
+the train metrics not yet logged in `pending_train_metrics` (tljax/preemption.py).
 """
 
 import contextlib

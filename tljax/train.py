@@ -18,9 +18,21 @@ import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
-from tljax import host, methods, optim, parallel, run_log, transfer
+from tljax import (
+    checkpoints,
+    collapse,
+    host,
+    methods,
+    optim,
+    parallel,
+    preemption,
+    run_log,
+    transfer,
+    validate,
+)
 from tljax import params as ptree
 from tljax import results as run_results
+from tljax import workdir as workdirs
 from tljax.data import pipeline
 
 State = dict[str, Any]
@@ -202,76 +214,68 @@ def evaluate(
     return results
 
 
-# ------------------------------------------------------------ checkpoints ----
-
-
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-    """Orbax manager for `<workdir>/checkpoints` keeping the newest few."""
-    options = ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.max_to_keep, create=True)
-    return ocp.CheckpointManager(
-        os.path.join(os.path.abspath(workdir), "checkpoints"), options=options
-    )
-
-
-def restore_latest(manager: ocp.CheckpointManager, state: State) -> tuple[State, int]:
-    """Restores the newest checkpoint into `state`'s shapes and shardings, if any.
-
-    Args:
-      manager: the run's checkpoint manager.
-      state: freshly initialised state (the restore target).
-
-    Returns:
-      (state, first step to run).
-
-    Raises:
-      ValueError: if the checkpoint does not fit the configured model.
-    """
-    step = manager.latest_step()
-    if step is None:
-        return state, 0
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    try:
-        restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    except (ValueError, KeyError) as error:
-        raise ValueError(
-            f"Checkpoint {manager.directory}/{step} does not match this config's model/optimizer "
-            f"({error}). Use a new --workdir or the config that wrote it."
-        ) from error
-    logging.info("Resumed from checkpoint at step %d.", step)
-    return restored, step
-
-
 # ---------------------------------------------------------------- metrics ----
 
 
 class MetricBuffer:
-    """Holds per-step metrics on device; syncs with the host only when flushed."""
+    """Holds per-step metrics on device; syncs with the host only when flushed.
+
+    A launch resuming from a preemption between two flushes starts with the earlier launch's
+    steps since its last flush (`carry`), so that its next flush averages the same steps as an
+    uninterrupted run.
+    """
 
     def __init__(self):
         self._steps: list[int] = []
         self._metrics: list[dict] = []
+        self._carried: dict[str, np.ndarray] = {}
 
     def add(self, step: int, metrics: dict) -> None:
         self._steps.append(step)
         self._metrics.append(metrics)
 
-    def flush(self) -> dict[str, float]:
-        """Means over the buffered steps; raises NonFiniteLossError on NaN/Inf loss."""
-        if not self._metrics:
-            return {}
-        stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self._metrics))
-        bad = np.flatnonzero(~np.isfinite(stacked["loss"]))
-        steps, self._steps, self._metrics = self._steps, [], []
-        if bad.size:
+    def carry(self, steps: list[int], values: dict[str, np.ndarray]) -> None:
+        """Puts earlier steps' metrics, already on the host, before the buffered ones."""
+        self._steps = [*steps, *self._steps]
+        self._carried = values
+
+    def take(self) -> tuple[list[int], dict[str, np.ndarray]]:
+        """The buffered steps and each one's metrics on the host; empties the buffer.
+
+        Returns:
+          (steps, metric name -> array of its value at each step).
+
+        Raises:
+          NonFiniteLossError: the loss is NaN/Inf at one of the steps.
+        """
+        stacked = self._carried
+        if self._metrics:
+            fetched = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *self._metrics))
+            stacked = {
+                key: np.concatenate([self._carried[key], value]) if self._carried else value
+                for key, value in fetched.items()
+            }
+        steps, self._steps, self._metrics, self._carried = self._steps, [], [], {}
+        bad = np.flatnonzero(~np.isfinite(stacked["loss"])) if steps else []
+        if len(bad):
             raise NonFiniteLossError(
                 f"Loss became {stacked['loss'][bad[0]]} at step {steps[bad[0]]}."
             )
+        return steps, stacked
+
+    def flush(self) -> dict[str, float]:
+        """Means over the buffered steps; raises NonFiniteLossError on NaN/Inf loss."""
+        steps, stacked = self.take()
+        if not steps:
+            return {}
         return {f"train/{key}": float(np.mean(value)) for key, value in stacked.items()}
 
 
 # ------------------------------------------------------------------- loop ----
 
 
+# Holds the workdir for the run: its lock, its config.json (tljax/workdir.py).
+@workdirs.guarded
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
     """Trains `config.method` and evaluates it; resumes from `workdir` if it has checkpoints.
 
@@ -283,6 +287,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
       config: experiment config (see configs/).
       workdir: where checkpoints, TensorBoard events and results.json go.
       devices: devices of the data mesh; default all devices of all processes.
+      allow_config_change: (keyword, added by `workdirs.guarded`) resume a run made with
+        another config; without it, a config change stops the launch before any work.
 
     Returns:
       The results dict also written to `<workdir>/results.json`.
@@ -290,13 +296,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint stays).
       ValueError: a config value that cannot work (e.g. batch size vs devices).
+      tljax.validate.InputError: bad config values or data, found before any compile; also
+        `tljax.workdir.WorkdirError`: the workdir is a URL or a file, another run holds it, or
+        its run was made with another config.
+      tljax.checkpoints.CheckpointError: no checkpoint is usable (each listed with why), or
+        one was written for another model.
     """
     start_time = time.perf_counter()
+    validate.check_config(config)
+    checkpoints.check_max_to_keep(config.checkpoint.max_to_keep)
     mesh = parallel.make_data_mesh(devices)
     if mesh.devices.flat[0].platform == "cpu":
         host.retain_freed_memory()
     num_steps = config.train.steps
     method = methods.build(config)
+    validate.check_method_inputs(config, method)
     for stream in method.train_streams:
         parallel.check_batch_size(f"train.batch_size ({stream.name})", stream.batch_size, mesh)
     parallel.check_batch_size("eval.batch_size", config.eval.batch_size, mesh)
@@ -309,8 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         optim.make_optimizer(config.optimizer, schedule), plan.labels
     )
     state = create_train_state(method, optimizer, config.seed, mesh, plan)
-    manager = checkpoint_manager(workdir, config)
-    state, first_step = restore_latest(manager, state)
+    manager = checkpoints.checkpoint_manager(workdir, config)
+    state, first_step = checkpoints.restore_latest(manager, state)
 
     is_lead = jax.process_index() == 0
     previous, previous_path = run_results.previous(workdir)
@@ -339,6 +353,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     all_finite = jax.jit(_all_finite, compiler_options=one_off_compiler_options(mesh))
     buffer = MetricBuffer()
+    # After a preemption: the earlier launch's steps since its last log line.
+    buffer.carry(*preemption.pending_metrics(previous, first_step))
+    monitor = collapse.monitor_for(config, method.classifiers, previous, first_step)
+    watch = preemption.PreemptionWatch(first_step, config.train.log_every)
     train_step = None
     train_metrics, eval_metrics = {}, {}
     last_saved = first_step if first_step else None
@@ -354,6 +372,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         "num_frozen_params": ptree.count(state["params"], plan.frozen),
     }
     loop_start = time.perf_counter()
+    watch.install()
     try:
         for step in range(first_step, num_steps):
             batch = next(batches)
@@ -371,13 +390,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             if done % config.train.log_every == 0 or is_last:
                 train_metrics = _flush(buffer, manager, last_saved)
                 log.train_metrics(done, train_metrics)
+                # A collapse that stops the run ends it here as at its last step.
+                is_last = monitor.update(done, train_metrics) or is_last
+            # After every step on every process: they must agree on where to stop.
+            preempted = watch.reached(done) and not is_last
             if done % config.eval.every == 0 or is_last:
                 with log.timed("eval", wait_for=state):
                     eval_metrics = run_eval(state["params"])
                 log.eval_metrics(done, eval_metrics)
                 history.append({"step": done, **eval_metrics})
-            if done % config.checkpoint.every == 0 or is_last:
-                train_metrics |= _flush(buffer, manager, last_saved)
+            if done % config.checkpoint.every == 0 or is_last or preempted:
+                if preempted and done % config.checkpoint.every:
+                    # Kept per step for the next launch (tljax/preemption.py): its next log
+                    # line then averages the same steps as an uninterrupted run's.
+                    pending = _flush(buffer, manager, last_saved, raw=True)
+                else:
+                    train_metrics |= _flush(buffer, manager, last_saved)
+                    pending = ([], {})
                 with log.timed("checkpoint", wait_for=state):
                     _check_finite_params(all_finite, state["params"], done, manager, last_saved)
                     manager.save(done, args=ocp.args.StandardSave(state))
@@ -390,7 +419,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                     partial = run_results.assemble(
                         about, final, history, [*launches, launch], config
                     )
+                    partial |= monitor.fields()
+                    if preempted:
+                        partial |= preemption.pending_fields(*pending)
                     run_results.write(workdir, partial, partial=True)
+            if preempted:
+                raise watch.preempted(done, manager.directory, partial if is_lead else None)
+            if is_last:
+                break
         jax.block_until_ready(state)
         train_s = run_results.train_seconds(loop_start, log.phase_seconds())
         if first_step >= num_steps:
@@ -401,29 +437,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
             if first_step not in {entry["step"] for entry in history}:
                 history.append({"step": first_step, **eval_metrics})
     finally:
+        watch.restore()
         batches.close()
         with log.timed("checkpoint"):
             manager.wait_until_finished()
         log.close()
 
-    last_step = max(first_step, num_steps)
+    last_step = monitor.stopped_at or max(first_step, num_steps)
     launch = run_results.launch_record(
         first_step, last_step, start_time, loop_start, log.phase_seconds(), train_s
     )
     final = {**train_metrics, **eval_metrics}
     results = run_results.assemble(about, final, history, [*launches, launch], config)
+    results |= monitor.fields()
     path = (
         run_results.write(workdir, results)
         if is_lead
         else os.path.join(workdir, run_results.RESULTS_FILE)
     )
     logging.info("%s", run_results.summary(results, path))
+    if monitor.stopped_at:
+        raise monitor.collapsed(workdir, results)
     return results
 
 
-def _flush(buffer: MetricBuffer, manager, last_saved) -> dict[str, float]:
+def _flush(buffer: MetricBuffer, manager, last_saved, raw: bool = False):
+    # The buffer's means (or, raw, its per-step values: `MetricBuffer.take`), with a NaN/Inf
+    # loss reported against the last good checkpoint.
     try:
-        return buffer.flush()
+        return buffer.take() if raw else buffer.flush()
     except NonFiniteLossError as error:
         kept = (
             f"the last good checkpoint (step {last_saved}) is in {manager.directory}"

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tljax import params as ptree
+from tljax import validate
 
 Params = Any
 
@@ -164,7 +165,8 @@ def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None)
 
     Raises:
       FileNotFoundError: no checkpoint or file at ``path``.
-      ValueError: the checkpoint holds no params, or the file does not fit the model.
+      ValueError: the checkpoint holds no params.
+      tljax.validate.DataError: the PyTorch file cannot be read or does not fit the model.
     """
     if str(path).endswith(TORCH_SUFFIXES):
         return _convert_torch_file(path, shapes, copied)
@@ -191,6 +193,11 @@ def _convert_torch_file(path: str, shapes: Params, copied: Any) -> Params:
         return shape
 
     template = jax.tree_util.tree_map_with_path(template_leaf, shapes)
-    return torch_convert.convert_resnet(
-        torch_convert.load_state_dict(path), template, exclude=sorted(skipped)
-    )
+    state_dict = validate.read_state_dict(path)
+    try:
+        return torch_convert.convert_resnet(state_dict, template, exclude=sorted(skipped))
+    except ValueError as error:  # The converter's message lists the problems, not the file.
+        raise validate.DataError(
+            f"transfer.init_from={os.fspath(path)!r} does not fit this model "
+            f"(expected a torchvision ResNet state_dict for a model.name='resnet*' model): {error}"
+        ) from None

@@ -13,6 +13,7 @@ import importlib
 
 import numpy as np
 
+from tljax import validate
 from tljax.data import exported
 
 __all__ = ["DatasetUnavailableError", "blend_mnist_m", "load_split"]
@@ -40,11 +41,12 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
     Raises:
       DatasetUnavailableError: if the split is not exported in ``data_dir`` and tfds does not
         know the dataset, cannot prepare it here, or is not installed.
+      tljax.validate.DataError: the split is empty or is not labelled (N, H, W, C) images.
     """
     if data_dir is not None:
         arrays = exported.load_saved_split(data_dir, name, split)
         if arrays is not None:
-            return arrays
+            return validate.checked_split(arrays, exported.split_file(data_dir, name, split))
     try:
         loading = importlib.import_module("tljax.data.loading")
     except ModuleNotFoundError as err:
@@ -59,7 +61,8 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
             "`python -m tljax.data.export --config=<your config> --out=DIR`, copy DIR here and "
             "pass it as config.data.data_dir."
         ) from err
-    return loading.load_split(name, split, data_dir)
+    arrays = loading.load_split(name, split, data_dir)
+    return validate.checked_split(arrays, f"Dataset '{name}' split '{split}'")
 
 
 def __getattr__(name: str):

@@ -12,8 +12,11 @@ import contextlib
 import functools
 import os
 import urllib.parse
+import zipfile
 
 import numpy as np
+
+from tljax.validate import DataError
 
 _KEYS = ("image", "label")
 
@@ -75,7 +78,8 @@ def load_saved_split(
       ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``, or None.
 
     Raises:
-      ValueError: the file exists but does not hold a split (missing arrays, wrong dtypes).
+      tljax.validate.DataError: the file exists but does not hold a split (not an .npz,
+        missing arrays, wrong dtypes).
     """
     if _is_url(root):  # e.g. a tfds data_dir in a bucket: exports are local files only.
         return None
@@ -91,18 +95,27 @@ def _is_url(path: str | os.PathLike) -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _read(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as saved:
+    # numpy reads any other file as a pickle and then advises loading it unsafely.
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path} is not an exported split: it is not an .npz (zip) archive.")
+    try:
+        saved = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as error:  # numpy's message omits the path.
+        raise DataError(
+            f"{path} is not an exported split: numpy cannot read it ({error})."
+        ) from None
+    with saved:
         missing = [key for key in _KEYS if key not in saved.files]
         if missing:
-            raise ValueError(f"{path} is not an exported split: it lacks {missing}.")
+            raise DataError(f"{path} is not an exported split: it lacks {missing}.")
         image, label = saved["image"], saved["label"]
     if image.dtype != np.uint8 or image.ndim != 4 or label.dtype != np.int32 or label.ndim != 1:
-        raise ValueError(
+        raise DataError(
             f"{path} is not an exported split: expected uint8 (N, H, W, C) images and int32 (N,) "
             f"labels, got {image.dtype} {image.shape} and {label.dtype} {label.shape}."
         )
     if len(image) != len(label):
-        raise ValueError(f"{path}: {len(image)} images but {len(label)} labels.")
+        raise DataError(f"{path}: {len(image)} images but {len(label)} labels.")
     image.setflags(write=False)
     label.setflags(write=False)
     return {"image": image, "label": label}

@@ -10,7 +10,9 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
+from tljax.validate import Expectations
 
 Params = Any
 Metrics = dict[str, Any]
@@ -38,6 +40,13 @@ class Method:
         (params, batch, rng, step) -> ((loss, metrics), grads), for methods that shape the
         gradient itself (e.g. multi-task gradient surgery); the trainer still runs the
         optimizer. Not combined with ``anchored``.
+      expects: what the streams' and eval sets' images and labels must be, checked before
+        training (`tljax.validate.Expectations`: image size, channels, classes per set, whether
+        the method trains at all). None: what the config's ``model`` block says (image_size,
+        channels, and num_classes for every labelled set).
+      classifiers: the classifiers the loss trains, by the train metrics that report their
+        cross-entropy and accuracy (`tljax.collapse.Classifier`); the trainer's collapse
+        monitor stops a run whose classifiers sit at chance level. Empty: nothing watched.
     """
 
     init_params: Callable[..., Params]
@@ -48,6 +57,8 @@ class Method:
     summarize_eval: Callable[[dict[str, Any]], dict[str, float]] | None = None
     anchored: bool = False
     value_and_grad: Callable[..., tuple[tuple[Any, Metrics], Params]] | None = None
+    expects: Expectations | None = None
+    classifiers: tuple[Classifier, ...] = ()
 
     def __post_init__(self):
         if self.anchored and self.value_and_grad is not None:

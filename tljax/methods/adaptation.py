@@ -23,6 +23,7 @@ import ml_collections
 import optax
 
 from tljax import data, models, optim
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.methods import Method, classification_sums, image_model_fns
 from tljax.models.digits import MLPHead
@@ -155,7 +156,14 @@ def build(
         logits = eval_net.apply({"params": params}, features, method="classify")
         return classification_sums(logits, batch["label"], batch["mask"])
 
-    return Method(init_params, loss_fn, eval_fn, *_streams_and_eval_sets(config, bool(terms)))
+    source_classifier = Classifier("class_loss", "source_accuracy", config.model.num_classes)
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        *_streams_and_eval_sets(config, bool(terms)),
+        classifiers=(source_classifier,),
+    )
 
 
 def _streams_and_eval_sets(config, with_target: bool):

@@ -15,6 +15,7 @@ import ml_collections
 import optax
 
 from tljax import data, regularizers
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, classification_sums, image_model_fns
@@ -125,4 +126,12 @@ def build(config: ml_collections.ConfigDict) -> Method:
     train = Stream("train", load_training_split(config), config.train.batch_size)
     eval_sets = {key: eval_split(name) for key, name in config.data.eval_sets.items()}
     uses_penalty = any(weights[k] for k in PENALTIES if k != "temperature")
-    return Method(init_params, loss_fn, eval_fn, (train,), eval_sets, anchored=uses_penalty)
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        (train,),
+        eval_sets,
+        anchored=uses_penalty,
+        classifiers=(Classifier("class_loss", "accuracy", config.model.num_classes),),
+    )

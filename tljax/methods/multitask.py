@@ -37,12 +37,14 @@ from jax.flatten_util import ravel_pytree
 
 from tljax import balancing, data
 from tljax import params as ptree
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, task_classification_sums
 from tljax.models import make_classifier
 from tljax.models.multitask import SHARED, HardSharing, sequence_of, sharing_table
+from tljax.validate import Expectations
 
 BALANCING = ("fixed", "uncertainty", "gradnorm", "pcgrad")
 TASK_FIELDS = {"dataset", "classes", "shots_per_class", "mix", "weight"}
@@ -276,7 +278,23 @@ def build(config: ml_collections.ConfigDict) -> Method:
 
     sizes = slice_sizes(config.train.batch_size, {t: specs[t].get("mix", 1.0) for t in tasks})
     streams = tuple(Stream(task, train_arrays[task], sizes[task]) for task in tasks)
-    return Method(init_params, loss_fn, eval_fn, streams, eval_sets, value_and_grad=value_and_grad)
+    # Images of any size are resized to model.image_size; each task has its own classes.
+    expects = Expectations(
+        channels=config.model.channels,
+        num_classes={**num_classes, **{f"{t}_test": num_classes[t] for t in tasks}},
+    )
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        streams,
+        eval_sets,
+        value_and_grad=value_and_grad,
+        expects=expects,
+        classifiers=tuple(
+            Classifier(f"task_loss/{t}", f"accuracy/{t}", num_classes[t]) for t in tasks
+        ),
+    )
 
 
 def _cosine_metrics(tasks: tuple[str, ...], cosines: jax.Array) -> dict[str, Any]:

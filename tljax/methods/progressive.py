@@ -21,10 +21,12 @@ import optax
 from absl import logging
 
 from tljax import data, ops
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset
 from tljax.methods import Method, image_model_fns, task_classification_sums
 from tljax.models.progressive import MODES, ProgressiveNet, param_growth_table
+from tljax.validate import Expectations
 
 TASK_FIELDS = {"dataset", "classes"}
 
@@ -129,4 +131,21 @@ def build(config: ml_collections.ConfigDict) -> Method:
         for k, (name, _) in enumerate(specs)
     }
     train = Stream("train", train_arrays, config.train.batch_size)
-    return Method(init_params, loss_fn, eval_fn, (train,), eval_sets)
+    expects = Expectations(
+        image_size=tuple(config.model.image_size),
+        channels=config.model.channels,
+        num_classes={
+            "train": task_classes[current],
+            **{f"{name}_test": task_classes[k] for k, (name, _) in enumerate(specs)},
+        },
+    )
+    classifier = Classifier("class_loss", "accuracy", task_classes[current])
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        (train,),
+        eval_sets,
+        expects=expects,
+        classifiers=(classifier,),
+    )

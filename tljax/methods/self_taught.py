@@ -32,12 +32,14 @@ import optax
 import orbax.checkpoint as ocp
 
 from tljax import data, ops
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import per_class_subset
 from tljax.methods import Method
 from tljax.models.digits import DigitFeatures, MLPHead
 from tljax.self_taught import autoencoder, clustering, patches
+from tljax.validate import Expectations
 
 STAGES = ("autoencoder", "classify", "cluster")
 FEATURES = {"classify": ("sae", "pixels", "scratch"), "cluster": ("sae", "pixels")}
@@ -250,7 +252,19 @@ def _classifier(config: ml_collections.ConfigDict) -> Method:
         return {"accuracy": (hit * batch["mask"]).sum(), "count": batch["mask"].sum()}
 
     stream = Stream("labelled", labelled, config.train.batch_size, (key, "label"))
-    return Method(init_params, loss_fn, eval_fn, (stream,), {"test": test_set})
+    # The classifier is sized from the data; the test digits must be among its classes.
+    expects = Expectations(num_classes={"labelled": num_classes, "test": num_classes})
+    # The trainer's 'loss' is this cross-entropy: the loss has no other term.
+    classifier = Classifier("loss", "train_accuracy", num_classes)
+    return Method(
+        init_params,
+        loss_fn,
+        eval_fn,
+        (stream,),
+        {"test": test_set},
+        expects=expects,
+        classifiers=(classifier,),
+    )
 
 
 def _clustering(config: ml_collections.ConfigDict) -> Method:

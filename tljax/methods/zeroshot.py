@@ -35,10 +35,12 @@ import numpy as np
 import optax
 
 from tljax import ops
+from tljax.collapse import Classifier
 from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.methods import Method
 from tljax.models.digits import DigitFeatures, MLPHead
+from tljax.validate import Expectations
 from tljax.zeroshot import data as zsl_data
 from tljax.zeroshot import proposed_split, scoring
 
@@ -237,6 +239,10 @@ def build(config: ml_collections.ConfigDict) -> Method:
         }
 
     stream = Stream("seen", zsd.train, config.train.batch_size, (key, "label"))
+    # The network is sized from the data (any image size and channels); labels are class ids.
+    expects = Expectations(
+        num_classes={"seen": zsd.num_classes, "test": zsd.num_classes}, trains=kind != "eszsl"
+    )
     return Method(
         init_params,
         loss_fn,
@@ -244,4 +250,9 @@ def build(config: ml_collections.ConfigDict) -> Method:
         (stream,),
         {"test": zsd.test},
         summarize_eval,
+        expects=expects,
+        # The seen-class softmax models; DAP's binary attribute losses have no such chance level.
+        classifiers=(Classifier("loss", "seen_train_accuracy", len(seen)),)
+        if kind in ("embedding", "conse")
+        else (),
     )
