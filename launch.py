@@ -41,7 +41,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from tljax import cli, stopping, validate
+from tljax import cli, validate
 
 # XLA checks on load that an entry was compiled for this machine's CPU features and recompiles
 # otherwise, so a home directory shared by different machines is safe.
@@ -174,6 +174,6 @@ def main(argv):
 
 if __name__ == "__main__":
     app.run(
-        stopping.exit_on_stop(cli.exit_on_input_error(main)),
+        cli.exit_cleanly(main),
         flags_parser=cli.flags_parser("config"),
     )

@@ -23,9 +23,11 @@ tfds cifar100 50/50 (needs the dataset, BUILD.md). split=dissimilar uses the cla
 DISSIMILAR_SPLITS (digits: curved vs straight-stroked, a stand-in for the paper's natural vs
 man-made ImageNet halves).
 
-Expected (embedded, 2 seeds, README table): baseB 0.981; AnB falls from 0.983 (n=1) to 0.930
-(n=7); AnB+ and BnB(+) stay within noise of baseB (no co-adaptation dip on this small net).
-data=embedded_mnist_m: baseB 0.924; AnB falls from 0.914 (n=1) to 0.855 (n=7); AnB+ 0.92-0.93.
+Reproduces (2 seeds; python benchmarks/layer_transfer.py, docs/results/yosinski_mnist.md):
+baseB 0.978; AnB falls from 0.980 (n=1) to 0.932 (n=7); AnB+ (0.977-0.985) and BnB(+)
+(0.977-0.983) stay around baseB (no co-adaptation dip on this small net).
+data=embedded_mnist_m (docs/results/yosinski_mnist_m.md): baseB 0.927; AnB falls from 0.917
+(n=1) to 0.859 (n=7); AnB+ 0.909-0.923.
 """
 
 import ml_collections

@@ -9,7 +9,7 @@ each run, the metrics the collapse monitor reads at every log step (its classifi
 accuracy), the run's status and steps. It also records a forced collapse (DANN with
 dann.domain_weight=10, 300 steps, stop=False so that it runs to the end). The runs go through
 `tljax.train.train_and_evaluate`, monitor included: a false alarm would show as a status other
-than 'ok'. Takes about 15 minutes on 2 CPU cores.
+than 'ok'. Takes about 7 minutes on 2 CPU cores.
 """
 
 import json

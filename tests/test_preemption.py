@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tljax import preemption, stopping, train
+from tljax import cli, preemption, stopping, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HERE = os.path.join(ROOT, "tests")
@@ -58,6 +58,19 @@ def test_outside_the_main_thread_nothing_is_installed():
     thread.join()
     assert signal.getsignal(signal.SIGTERM) is before
     watch.restore()  # Nothing to restore.
+
+
+def test_an_ignored_signal_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # As in a shell's background job.
+    watch = preemption.PreemptionWatch(first_step=0, sync_every=10, mode=preemption.LOCAL)
+    try:
+        watch.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not watch.reached(1)
+        watch.restore()
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_without_jax_distributed_agrees_locally():
@@ -131,7 +144,7 @@ def test_launch_exits_with_the_stop_s_status(error, code):
         raise error("stopped", step=3)
 
     with pytest.raises(SystemExit) as exit_info:
-        stopping.exit_on_stop(main)([])
+        cli.exit_cleanly(main)([])
     assert exit_info.value.code == code
 
 
@@ -173,10 +186,21 @@ def _wait_for(log_path, text: str, procs, timeout: float = 300) -> None:
     raise AssertionError(f"No {text!r} within {timeout} s")
 
 
+def _default_sigint() -> None:
+    # As from an interactive terminal: pytest itself may run as a background job, whose
+    # children inherit an ignored SIGINT (which a run then rightly leaves ignored).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _launch(args, log_path, env=None) -> subprocess.Popen:
     with open(log_path, "w") as log:
         return subprocess.Popen(
-            args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            args,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            preexec_fn=_default_sigint,
         )
 
 
@@ -241,7 +265,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_workers(workdir, data_dir, tmp_path, tag: str, env=None, steps: int = 400):
+MULTI_STEPS = 600  # The worker logs every 150 steps, evaluates and checkpoints every 300.
+
+
+def _start_workers(workdir, data_dir, tmp_path, tag: str, env=None):
     port = _free_port()
     env = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
     procs, logs = [], []
@@ -249,7 +276,7 @@ def _start_workers(workdir, data_dir, tmp_path, tag: str, env=None, steps: int =
         logs.append(tmp_path / f"{tag}{process_id}.log")
         worker = os.path.join(HERE, "preemption_worker.py")
         args = [sys.executable, worker, str(process_id), str(port), str(workdir), data_dir]
-        procs.append(_launch([*args, str(steps)], logs[-1], env))
+        procs.append(_launch([*args, str(MULTI_STEPS)], logs[-1], env))
     return procs, logs
 
 
@@ -258,38 +285,59 @@ def _printed(log_path, prefix: str) -> list[str]:
     return [line[len(prefix) :] for line in lines if line.startswith(prefix)]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "service, targets",
-    [
-        (True, (1,)),  # JAX's preemption service; SIGTERM to one process only.
-        (False, (0, 1)),  # Flags gathered at log steps; SIGTERM to both.
-    ],
-)
-def test_two_processes_stop_at_the_same_step_with_one_checkpoint(
-    service, targets, data_dir, tmp_path
-):
-    workdir = tmp_path / "run"
-    env = {} if service else {"JAX_ENABLE_PREEMPTION_SERVICE": "false"}
-    procs, logs = _start_workers(workdir, data_dir, tmp_path, "stop", env)
-    _wait_for(logs[0], "Step 200/400 eval", procs)
+def _preempt_workers(workdir, data_dir, tmp_path, tag, after: str, targets, env=None) -> int:
+    """Starts both workers, sends SIGTERM to ``targets`` once process 0 logs ``after``.
+
+    Returns:
+      The step both stopped at, after checking that both exited 75 at the same step and that
+      it is the workdir's newest checkpoint.
+    """
+    procs, logs = _start_workers(workdir, data_dir, tmp_path, tag, env)
+    _wait_for(logs[0], after, procs)
     for index in targets:
         procs[index].send_signal(signal.SIGTERM)
     codes = [proc.wait(timeout=300) for proc in procs]
     assert codes == [75, 75], [_tail(log) for log in logs]
     steps = [int(_printed(log, "PREEMPTED ")[0]) for log in logs]
-    assert steps[0] == steps[1] and 200 < steps[0] < 400
-    if not service:
-        assert steps[0] == 300  # The next log step: where the flags are gathered.
-    assert sorted(os.listdir(workdir / "checkpoints")) == sorted(["200", str(steps[0])])
-    if not service:
-        return
+    assert steps[0] == steps[1], steps
+    checkpoints = sorted(int(name) for name in os.listdir(workdir / "checkpoints"))
+    assert checkpoints[-1] == steps[0]
+    return steps[0]
 
-    procs, logs = _start_workers(workdir, data_dir, tmp_path, "resume")
-    assert [proc.wait(timeout=300) for proc in procs] == [0, 0]
+
+def _finish_workers(workdir, data_dir, tmp_path, tag) -> dict:
+    procs, logs = _start_workers(workdir, data_dir, tmp_path, tag)
+    assert [proc.wait(timeout=300) for proc in procs] == [0, 0], [_tail(log) for log in logs]
     results = [json.loads(_printed(log, "RESULTS ")[0]) for log in logs]
     assert results[0] == results[1]
-    written = json.loads((workdir / "results.json").read_text())
-    assert written["status"] == "ok"
-    assert [entry["step"] for entry in written["history"]] == [200, 400]
-    assert [launch["to_step"] for launch in written["launches"]] == [steps[0], 400]
+    return json.loads((workdir / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_twice_and_end_as_without_a_stop(data_dir, tmp_path):
+    """JAX's preemption service: a SIGTERM to one process stops both at the same step, in the
+    first launch and in a resumed one; the run then ends exactly as an uninterrupted one."""
+    workdir = tmp_path / "run"
+    first = _preempt_workers(workdir, data_dir, tmp_path, "a", "Step 300/600 eval", targets=[1])
+    assert 300 < first < MULTI_STEPS
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["300", str(first)]
+    # In a resumed launch (Orbax reports the global step to the same service at each save).
+    second = _preempt_workers(workdir, data_dir, tmp_path, "b", "Compiled the train step", [0])
+    assert first < second < MULTI_STEPS
+    results = _finish_workers(workdir, data_dir, tmp_path, "c")
+    assert results["status"] == "ok"
+    assert [launch["to_step"] for launch in results["launches"]] == [first, second, MULTI_STEPS]
+
+    uninterrupted = _finish_workers(tmp_path / "uninterrupted", data_dir, tmp_path, "ref")
+    assert results["final"] == uninterrupted["final"]
+    assert results["history"] == uninterrupted["history"]
+
+
+@pytest.mark.slow
+def test_two_processes_without_the_service_stop_at_the_next_log_step(data_dir, tmp_path):
+    """jax_enable_preemption_service=False: the flags are gathered at log steps."""
+    workdir = tmp_path / "run"
+    env = {"JAX_ENABLE_PREEMPTION_SERVICE": "false"}
+    stopped = _preempt_workers(workdir, data_dir, tmp_path, "a", "Step 300/600 eval", [0, 1], env)
+    assert stopped == 450
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["300", "450"]

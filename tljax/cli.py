@@ -1,6 +1,6 @@
 """Command-line front ends: bad input as one line and a non-zero exit, not a traceback.
 
-``launch.py`` and ``python -m tljax.report`` run ``app.run(exit_on_input_error(main),
+``launch.py`` and ``python -m tljax.report`` run ``app.run(exit_cleanly(main),
 flags_parser=flags_parser("config"))``. Mistakes in the command line or the input then end
 with one ``Error: ...`` line on stderr and exit status `EXIT_BAD_INPUT`, before anything is
 imported or written:
@@ -24,9 +24,9 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import NoReturn
 
-from absl import flags
+from absl import flags, logging
 
-from tljax import validate
+from tljax import stopping, validate
 
 # 2, as for other command-line usage errors (argparse, absl's UsageError uses 1 for all).
 EXIT_BAD_INPUT = 2
@@ -43,8 +43,13 @@ def fail(message: str) -> NoReturn:
     sys.exit(EXIT_BAD_INPUT)
 
 
-def exit_on_input_error(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
-    """``main`` with every `tljax.validate.InputError` turned into `fail`.
+def exit_cleanly(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
+    """``main`` with bad input and deliberate stops ending in one line and their exit status.
+
+    A `tljax.validate.InputError` becomes `fail` (status `EXIT_BAD_INPUT`); a
+    `tljax.stopping.RunStoppedError` (preempted, collapsed; its checkpoint and results already
+    saved) is logged as one line and exits with its ``exit_code``. Neither is a crash, so
+    neither prints a traceback.
 
     Args:
       main: an ``absl.app`` main function.
@@ -59,6 +64,10 @@ def exit_on_input_error(main: Callable[[list[str]], object]) -> Callable[[list[s
             return main(argv)
         except validate.InputError as error:
             fail(str(error))
+        except stopping.RunStoppedError as stop:
+            log = logging.warning if isinstance(stop, stopping.PreemptedError) else logging.error
+            log("%s", stop)
+            sys.exit(stop.exit_code)
 
     return wrapped
 

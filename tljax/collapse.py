@@ -11,10 +11,11 @@ of them has
     loss >= (1 - margin) * ln C    and    accuracy <= (1 + accuracy_margin) / C,
 
 i.e. it predicts no better than a constant. ``patience`` such intervals in a row, after the
-first ``warmup`` fraction of the run, are a collapse: the run logs a warning naming the step,
-results.json gets ``"status": "collapsed"`` and a ``collapse`` record, and, with ``stop``, the
-run ends there after its evaluation, checkpoint and results.json, and the trainer raises
-`tljax.stopping.CollapsedError`. Healthy runs get ``"status": "ok"``.
+first ``warmup`` fraction of the run and at least ``warmup_steps`` steps, are a collapse: the
+run logs a warning naming the step, results.json gets ``"status": "collapsed"`` and a
+``collapse`` record, and, with ``stop``, the run ends there after its evaluation, checkpoint
+and results.json, and the trainer raises `tljax.stopping.CollapsedError`. Healthy runs get
+``"status": "ok"``.
 
 Settings: the optional ``train.collapse`` block of a config (`config_block`); a config without
 it gets `Settings`' defaults. ``patience=0`` turns the monitor off.
@@ -55,6 +56,8 @@ class Settings:
       patience: log intervals in a row at chance that make a collapse; 0 turns the monitor off.
       warmup: fraction of the run's steps whose log intervals do not count (a network starts
         at chance).
+      warmup_steps: steps that do not count in any run, however short: a smoke test of a few
+        dozen steps ends near chance without having collapsed.
       margin: a loss at or above (1 - margin) * ln C counts as chance.
       accuracy_margin: an accuracy at or below (1 + accuracy_margin) / C counts as chance. It
         is wider than ``margin`` because a constant prediction's accuracy is the share of one
@@ -65,6 +68,7 @@ class Settings:
 
     patience: int = 3
     warmup: float = 0.1
+    warmup_steps: int = 100
     margin: float = 0.05
     accuracy_margin: float = 0.5
     stop: bool = True
@@ -108,6 +112,7 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
     checks = {
         "patience": settings.patience >= 0,
         "warmup": 0.0 <= settings.warmup < 1.0,
+        "warmup_steps": settings.warmup_steps >= 0,
         "margin": 0.0 <= settings.margin < 1.0,
         "accuracy_margin": settings.accuracy_margin >= 0.0,
     }
@@ -115,7 +120,8 @@ def settings_from_config(config: ml_collections.ConfigDict) -> Settings:
         if not ok:
             raise validate.ConfigError(
                 f"train.collapse.{name}={getattr(settings, name)!r} is out of range "
-                "(patience >= 0, 0 <= warmup < 1, 0 <= margin < 1, accuracy_margin >= 0)."
+                "(patience >= 0, 0 <= warmup < 1, warmup_steps >= 0, 0 <= margin < 1, "
+                "accuracy_margin >= 0)."
             )
     return settings
 
@@ -176,7 +182,7 @@ class Monitor:
         """
         self.classifiers = tuple(classifiers)
         self.settings = settings
-        self._warmup_steps = settings.warmup * num_steps
+        self._warmup_steps = max(settings.warmup * num_steps, settings.warmup_steps)
         state = state or {}
         self._since: int | None = state.get("at_chance_since_step")
         self._intervals: int = state.get("intervals_at_chance", 0)

@@ -29,7 +29,8 @@ checkpoint collectively. How they agree:
 A second SIGINT while the run is saving stops it at once (``KeyboardInterrupt``), for a user
 who cannot wait; a second SIGTERM is ignored, since schedulers repeat it when their grace time
 runs out and the save should carry on until then. The handlers are installed only from the
-main thread (Python allows no other) and the previous ones are restored afterwards.
+main thread (Python allows no other), not for a signal the process ignores, and the previous
+ones are restored afterwards.
 """
 
 from __future__ import annotations
@@ -107,7 +108,10 @@ class PreemptionWatch:
         # jax.distributed.initialize: replacing it would hide the notice from the other processes.
         handled = (signal.SIGINT,) if self._mode == SERVICE else SIGNALS
         for signum in handled:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # An ignored signal stays ignored, as Python leaves SIGINT in a shell's background
+            # job: Ctrl-C in the terminal is not meant for it.
+            if signal.getsignal(signum) != signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
 
     def restore(self) -> None:
         """Puts the handlers back as they were before `install`."""

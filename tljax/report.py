@@ -213,4 +213,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(cli.exit_on_input_error(main))
+    app.run(cli.exit_cleanly(main))

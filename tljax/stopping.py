@@ -18,12 +18,6 @@ checkpoint to resume from. This module imports neither JAX nor TensorFlow.
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-
-from absl import logging
-
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
 EXIT_COLLAPSED = 1
 
@@ -63,26 +57,3 @@ class CollapsedError(RunStoppedError):
     """The training predictions stayed at chance; the run was stopped (train.collapse.stop)."""
 
     exit_code = EXIT_COLLAPSED
-
-
-def exit_on_stop(main: Callable[[list[str]], object]) -> Callable[[list[str]], object]:
-    """``main`` with a `RunStoppedError` logged as one line and turned into its exit status.
-
-    Args:
-      main: an ``absl.app`` main function.
-
-    Returns:
-      The wrapped main.
-    """
-
-    @functools.wraps(main)
-    def wrapped(argv):
-        try:
-            return main(argv)
-        except RunStoppedError as stop:
-            # A deliberate stop with a full explanation, not a crash: no traceback.
-            log = logging.warning if isinstance(stop, PreemptedError) else logging.error
-            log("%s", stop)
-            sys.exit(stop.exit_code)
-
-    return wrapped

@@ -295,6 +295,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
 
     Raises:
       NonFiniteLossError: the loss became NaN/Inf (the last good checkpoint stays).
+      tljax.stopping.PreemptedError: SIGTERM/SIGINT; the step in flight was checkpointed
+        (tljax/preemption.py). launch.py exits 75.
+      tljax.stopping.CollapsedError: the training predictions stayed at chance and
+        ``train.collapse.stop`` ended the run after writing results.json (tljax/collapse.py).
       ValueError: a config value that cannot work (e.g. batch size vs devices).
       tljax.validate.InputError: bad config values or data, found before any compile; also
         `tljax.workdir.WorkdirError`: the workdir is a URL or a file, another run holds it, or

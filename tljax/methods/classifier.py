@@ -126,12 +126,6 @@ def build(config: ml_collections.ConfigDict) -> Method:
     train = Stream("train", load_training_split(config), config.train.batch_size)
     eval_sets = {key: eval_split(name) for key, name in config.data.eval_sets.items()}
     uses_penalty = any(weights[k] for k in PENALTIES if k != "temperature")
-    return Method(
-        init_params,
-        loss_fn,
-        eval_fn,
-        (train,),
-        eval_sets,
-        anchored=uses_penalty,
-        classifiers=(Classifier("class_loss", "accuracy", config.model.num_classes),),
-    )
+    watched = (Classifier("class_loss", "accuracy", config.model.num_classes),)
+    options = dict(anchored=uses_penalty, classifiers=watched)
+    return Method(init_params, loss_fn, eval_fn, (train,), eval_sets, **options)
