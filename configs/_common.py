@@ -6,6 +6,28 @@ from ml_collections.config_dict import FieldReference
 from tljax import collapse
 
 
+def train_block(steps: int, batch_size: int, log_every: int = 100) -> ml_collections.ConfigDict:
+    """The `train` block: steps, global batch size, logging, and the collapse monitor's settings.
+
+    Args:
+      steps: training steps.
+      batch_size: global batch size (per domain for domain adaptation).
+      log_every: steps between train-metric log lines (and collapse checks, tljax/collapse.py).
+
+    Returns:
+      The block.
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            steps=steps,
+            batch_size=batch_size,
+            log_every=log_every,
+            log_every_secs=30.0,
+            collapse=collapse.config_block(),
+        )
+    )
+
+
 def add_training_blocks(
     config: ml_collections.ConfigDict,
     *,
@@ -26,15 +48,7 @@ def add_training_blocks(
     Returns:
       ``config``.
     """
-    config.train = ml_collections.ConfigDict(
-        dict(
-            steps=steps,
-            batch_size=batch_size,
-            log_every=100,
-            log_every_secs=30.0,
-            collapse=collapse.config_block(),
-        )
-    )
+    config.train = train_block(steps, batch_size)
     config.optimizer = ml_collections.ConfigDict(
         dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0)
     )

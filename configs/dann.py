@@ -18,7 +18,7 @@ only.
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from tljax import collapse
+from configs._common import train_block
 from tljax.config_utils import parse_arg
 
 DATASETS = {
@@ -61,16 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
 
     # batch_size is per domain: 64 source + 64 target images per step.
-    # collapse: when a run counts as collapsed to chance and whether it stops (tljax/collapse.py).
-    config.train = ml_collections.ConfigDict(
-        dict(
-            steps=3000,
-            batch_size=64,
-            log_every=100,
-            log_every_secs=30.0,
-            collapse=collapse.config_block(),
-        )
-    )
+    config.train = train_block(steps=3000, batch_size=64)
     config.optimizer = ml_collections.ConfigDict(
         dict(name="sgd", momentum=0.9, nesterov=False, weight_decay=0.0)
     )

@@ -26,7 +26,7 @@ features vs 0.680 on raw pixels and 0.759 for a convnet from scratch; k-means NM
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from tljax import collapse
+from configs._common import train_block
 from tljax.config_utils import parse_arg
 from tljax.methods.self_taught import FEATURES, STAGES
 
@@ -70,15 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer = ml_collections.ConfigDict(dict(name="adamw", weight_decay=0.0))
     # The filters become localised edges only near convergence (3,000 steps give noise).
     config.lr = ml_collections.ConfigDict(dict(schedule="cosine", base=1e-2, warmup_steps=0))
-    config.train = ml_collections.ConfigDict(
-        dict(
-            steps=20000,
-            batch_size=500,
-            log_every=1000,
-            log_every_secs=30.0,
-            collapse=collapse.config_block(),
-        )
-    )
+    config.train = train_block(steps=20000, batch_size=500, log_every=1000)
     config.eval = ml_collections.ConfigDict(dict(every=5000, batch_size=500))
     config.checkpoint = ml_collections.ConfigDict(dict(every=5000, max_to_keep=1))
     if stage == "classify":

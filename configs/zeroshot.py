@@ -22,7 +22,7 @@ pixels); chance is 1/3.
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from tljax import collapse
+from configs._common import train_block
 from tljax.config_utils import parse_arg
 from tljax.methods.zeroshot import MODELS
 from tljax.zeroshot.proposed_split import DATASET_FOLDERS
@@ -75,15 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         )
     )
     steps = 0 if arg["model"] == "eszsl" else (400 if on_digits else 3000)
-    config.train = ml_collections.ConfigDict(
-        dict(
-            steps=steps,
-            batch_size=64 if on_digits else 256,
-            log_every=100,
-            log_every_secs=30.0,
-            collapse=collapse.config_block(),
-        )
-    )
+    config.train = train_block(steps, 64 if on_digits else 256)
     config.optimizer = ml_collections.ConfigDict(dict(name="adamw", weight_decay=1e-4))
     config.lr = ml_collections.ConfigDict(dict(schedule="cosine", base=1e-3, warmup_steps=0))
     config.eval = ml_collections.ConfigDict(dict(every=200, batch_size=500))

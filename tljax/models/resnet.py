@@ -206,11 +206,8 @@ class ResidualBlock(_ConvNormLayer):
         Returns:
           ``(N, H / strides, W / strides, features * expansion)`` output.
         """
+        # Each block type defines ``_branch(x)``: its residual branch, ending in ``_last_norm``.
         return nn.relu(self._branch(x) + self._shortcut(x))
-
-    def _branch(self, x: Array) -> Array:
-        """The residual branch, ending in ``_last_norm``; called from ``__call__``."""
-        raise NotImplementedError
 
     def _last_norm(self, channels: int, name: str) -> nn.Module:
         # The last norm of the residual branch starts with zero scale (Goyal et al. 2017), so
