@@ -317,8 +317,27 @@ def full_runs() -> list[str]:
     return rows
 
 
+# Rounds of one row that differ by more than this fraction of their median get NOISY_MARK.
+NOISY_SPREAD = 0.5
+NOISY_MARK = " †"
+NOISY_NOTE = (
+    f"†: the row's {{rounds}} rounds differ by more than {NOISY_SPREAD:.0%} of their median "
+    "(other jobs were using the machine); its ratio to PyTorch is unreliable."
+)
+
+
+def _noisy(values: list[float]) -> bool:
+    """Whether repeated measurements disagree by more than NOISY_SPREAD of their median."""
+    return len(values) > 1 and (max(values) - min(values)) > NOISY_SPREAD * statistics.median(
+        values
+    )
+
+
 def step_rows(batch: int, settings: list[tuple[str, str, str]], rounds: list[dict], mm: float):
     """Markdown rows of the step table for one batch size, from measure_round's rounds.
+
+    A row whose rounds disagree by more than NOISY_SPREAD of their median has NOISY_MARK after
+    its ms/step (see NOISY_NOTE).
 
     Every lowering's GFLOP/s is its step time against the standard lowering's FLOP count
     (tljax/flops.py): XLA does not count the FLOPs inside the loops of the im2col lowering's
@@ -338,17 +357,19 @@ def step_rows(batch: int, settings: list[tuple[str, str, str]], rounds: list[dic
         r = medians[impl, operands, dtype]
         rate = flops_lib.gflops_per_s(model, r["ms_fixed"])
         ratio = f"{torch_ms / r['ms_fixed']:.2f}x" if torch_ms else "-"
+        mark = NOISY_MARK if _noisy([x[impl, operands, dtype]["ms_fixed"] for x in rounds]) else ""
         rows.append(
             f"| {batch}+{batch} | {_tljax_label(f'tljax {impl}', operands, dtype)} "
-            f"| {r['ms_fixed']:.1f} | {2 * batch / r['ms_fixed'] * 1e3:.0f} "
+            f"| {r['ms_fixed']:.1f}{mark} | {2 * batch / r['ms_fixed'] * 1e3:.0f} "
             f"| {r['ms_pipeline']:.1f} | {flops_lib.fmt(rate)} "
             f"| {flops_lib.fmt(flops_lib.percent_of(rate, mm), '.0f', '%')} "
             f"| {r['compile_s']:.1f} | {ratio} |"
         )
     if torch_ms:
+        mark = NOISY_MARK if _noisy([x["torch"] for x in rounds]) else ""
         rows.append(
-            f"| {batch}+{batch} | {torch_label()} eager ({torch_device()}) | {torch_ms:.1f} | "
-            f"{2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
+            f"| {batch}+{batch} | {torch_label()} eager ({torch_device()}) "
+            f"| {torch_ms:.1f}{mark} | {2 * batch / torch_ms * 1e3:.0f} | - | - | - | - | 1.00x |"
         )
     return rows
 
@@ -386,6 +407,9 @@ def main(argv):
         print("\n".join(rows), flush=True)
         lines += rows
     tables = [header + ":", "\n".join(lines)]
+    if any(NOISY_MARK in line for line in lines):
+        tables.append(NOISY_NOTE.format(rounds=_ROUNDS.value))
+        print("\n" + tables[-1])
     if _FULL_RUN.value:
         steps, batch = whole_run_shape()
         whole = [
