@@ -41,3 +41,16 @@ def tiny_dann_config(data_dir):
     from configs import dann
 
     return shrink(dann.get_config(), data_dir, steps=6, eval_every=3, eval_batch_size=200)
+
+
+@pytest.fixture
+def tiny_da_config(data_dir):
+    """configs/da.py (DANN recipe) shrunk to a few small steps on the embedded data.
+
+    Set ``config.da.terms`` (and the term's block) to try another term.
+    """
+    from configs import da
+
+    config = da.get_config("method=dann")
+    config.eval.validator_examples = 64
+    return shrink(config, data_dir, steps=6, eval_every=3, eval_batch_size=200)

@@ -11,7 +11,7 @@ from tljax import params as ptree
 from tljax import regularizers
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.models.digits import DigitNet, MLPHead
-from tljax.models.domain import WithDiscriminator
+from tljax.models.domain import WithHeads
 
 FORWARD = [
     "feature/conv_0",
@@ -24,8 +24,8 @@ FORWARD = [
 ]
 
 
-def _dann_net(num_classes: int = 10) -> WithDiscriminator:
-    return WithDiscriminator(DigitNet(num_classes=num_classes), MLPHead((100, 1)), lambda f, _: f)
+def _dann_net(num_classes: int = 10) -> WithHeads:
+    return WithHeads(DigitNet(num_classes=num_classes), MLPHead((100, 1)), lambda f, _: f)
 
 
 def _init(rng):

@@ -27,8 +27,10 @@ from tljax import (
     parallel,
     preemption,
     run_log,
+    selection,
     transfer,
     validate,
+    validators,
 )
 from tljax import params as ptree
 from tljax import results as run_results
@@ -214,6 +216,34 @@ def evaluate(
     return results
 
 
+def score_validators(method, predict_step, params, batch_size: int, mesh) -> dict[str, float]:
+    """The method's label-free validators on its validation sets (`Method.validate_fn`).
+
+    Args:
+      method: the run's `Method` (with ``predict_fn``, ``validation_sets``, ``validate_fn``).
+      predict_step: jitted ``method.predict_fn`` with replicated outputs.
+      params: model params.
+      batch_size: global eval batch size.
+      mesh: the data mesh.
+
+    Returns:
+      'validator/<name>' -> score.
+    """
+    outputs = {}
+    for name, arrays in method.validation_sets.items():
+        count = len(next(iter(arrays.values())))
+        rows = [
+            jax.device_get(predict_step(params, batch))
+            for batch in pipeline.eval_batches(arrays, batch_size, mesh)
+        ]
+        # The padding of the last batch is cut off here, by row count.
+        outputs[name] = {key: np.concatenate([r[key] for r in rows])[:count] for key in rows[0]}
+        if "label" in arrays:
+            outputs[name]["label"] = np.asarray(arrays["label"])
+    scores = method.validate_fn(outputs)
+    return {f"validator/{name}": float(value) for name, value in scores.items()}
+
+
 # ---------------------------------------------------------------- metrics ----
 
 
@@ -318,6 +348,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     for stream in method.train_streams:
         parallel.check_batch_size(f"train.batch_size ({stream.name})", stream.batch_size, mesh)
     parallel.check_batch_size("eval.batch_size", config.eval.batch_size, mesh)
+    select_by = config.eval.get("select_by") or None
+    selection.check_select_by(select_by, validators.NAMES if method.validate_fn else None)
 
     plan = transfer.make_plan(config, method.init_params, jax.random.key(config.seed))
     logging.info("Parameters (layers in forward order):\n%s", plan.summary)
@@ -346,14 +378,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         out_shardings=parallel.replicated(mesh),
         compiler_options=one_off_compiler_options(mesh),
     )
-    run_eval = lambda params: evaluate(
-        eval_step,
-        params,
-        method.eval_sets,
-        config.eval.batch_size,
-        mesh,
-        method.summarize_eval or methods.mean_over_count,
-    )
+    predict_step = None
+    if method.validate_fn is not None:
+        predict_step = jax.jit(
+            method.predict_fn,
+            out_shardings=parallel.replicated(mesh),
+            compiler_options=one_off_compiler_options(mesh),
+        )
+
+    def run_eval(params):
+        metrics = evaluate(
+            eval_step,
+            params,
+            method.eval_sets,
+            config.eval.batch_size,
+            mesh,
+            method.summarize_eval or methods.mean_over_count,
+        )
+        if predict_step is not None:
+            metrics |= score_validators(method, predict_step, params, config.eval.batch_size, mesh)
+        return metrics
 
     all_finite = jax.jit(_all_finite, compiler_options=one_off_compiler_options(mesh))
     buffer = MetricBuffer()
@@ -361,6 +405,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     buffer.carry(*preemption.pending_metrics(previous, first_step))
     monitor = collapse.monitor_for(config, method.classifiers, previous, first_step)
     watch = preemption.PreemptionWatch(first_step, config.train.log_every)
+    selector = selection.BestCheckpoint(workdir, select_by, history) if select_by else None
     train_step = None
     train_metrics, eval_metrics = {}, {}
     last_saved = first_step if first_step else None
@@ -403,6 +448,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                     eval_metrics = run_eval(state["params"])
                 log.eval_metrics(done, eval_metrics)
                 history.append({"step": done, **eval_metrics})
+                if selector is not None:
+                    with log.timed("checkpoint", wait_for=state):
+                        selector.consider(done, eval_metrics, state)
             if done % config.checkpoint.every == 0 or is_last or preempted:
                 if preempted and done % config.checkpoint.every:
                     # Kept per step for the next launch (tljax/preemption.py): its next log
@@ -423,7 +471,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                     partial = run_results.assemble(
                         about, final, history, [*launches, launch], config
                     )
-                    partial |= monitor.fields()
+                    partial |= monitor.fields() | _selected_fields(select_by, history)
                     if preempted:
                         partial |= preemption.pending_fields(*pending)
                     run_results.write(workdir, partial, partial=True)
@@ -445,6 +493,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
         batches.close()
         with log.timed("checkpoint"):
             manager.wait_until_finished()
+            if selector is not None:
+                selector.wait_until_finished()
         log.close()
 
     last_step = monitor.stopped_at or max(first_step, num_steps)
@@ -453,7 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     )
     final = {**train_metrics, **eval_metrics}
     results = run_results.assemble(about, final, history, [*launches, launch], config)
-    results |= monitor.fields()
+    results |= monitor.fields() | _selected_fields(select_by, history)
     path = (
         run_results.write(workdir, results)
         if is_lead
@@ -463,6 +513,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if monitor.stopped_at:
         raise monitor.collapsed(workdir, results)
     return results
+
+
+def _selected_fields(select_by: str | None, history: list[dict]) -> dict:
+    # results.json's `selected` entry (tljax/selection.py), when the run selects.
+    if not select_by:
+        return {}
+    return {"selected": selection.best_entry(history, select_by)}
 
 
 def _flush(buffer: MetricBuffer, manager, last_saved, raw: bool = False):

@@ -47,6 +47,14 @@ class Method:
       classifiers: the classifiers the loss trains, by the train metrics that report their
         cross-entropy and accuracy (`tljax.collapse.Classifier`); the trainer's collapse
         monitor stops a run whose classifiers sit at chance level. Empty: nothing watched.
+      predict_fn: optional (params, batch) -> dict of per-example outputs (e.g. 'features',
+        'logits') over a batch of ``validation_sets``; with ``validate_fn`` it scores
+        label-free validators at every evaluation.
+      validation_sets: name -> arrays that ``predict_fn`` runs over (their labels, when they
+        have any, are handed to ``validate_fn`` beside the outputs, never to the network).
+      validate_fn: set name -> {output name -> numpy [N, ...] rows, plus 'label' where the set
+        has labels} -> dict of float scores, reported as 'validator/<name>' with each
+        evaluation (``eval.select_by`` keeps the checkpoint one of them ranks best).
     """
 
     init_params: Callable[..., Params]
@@ -59,6 +67,9 @@ class Method:
     value_and_grad: Callable[..., tuple[tuple[Any, Metrics], Params]] | None = None
     expects: Expectations | None = None
     classifiers: tuple[Classifier, ...] = ()
+    predict_fn: Callable[..., Metrics] | None = None
+    validation_sets: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+    validate_fn: Callable[[dict[str, dict[str, Any]]], dict[str, float]] | None = None
 
     def __post_init__(self):
         if self.anchored and self.value_and_grad is not None:

@@ -48,7 +48,22 @@ def _loss(outputs: adaptation.Outputs):
     return loss, {"domain_loss": loss, "domain_accuracy": accuracy}
 
 
+DEFAULTS = {}
+
 TERM = adaptation.Term("dann", _loss, discriminator_input=lambda features, logits: features)
+
+
+def term(config: ml_collections.ConfigDict) -> adaptation.Term:
+    """DANN's term for a composition of terms (`tljax.methods.da`); it has no settings.
+
+    Args:
+      config: the experiment config.
+
+    Returns:
+      `TERM`.
+    """
+    del config
+    return TERM
 
 
 def build(config: ml_collections.ConfigDict) -> Method:
