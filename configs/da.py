@@ -50,7 +50,8 @@ RECIPES = {
     "mcc": ("mcc:1", {}, "da"),
     "entropy": ("entropy:0.1", {}, "da"),
     "bsp": ("cdan:1,bsp:0.0001", {}, "da"),
-    "afn": ("afn:0.05", {}, "da"),
+    # TLlib's digit recipe: SAFN with delta 0.3 plus entropy 0.03.
+    "afn": ("afn:0.05,entropy:0.03", {"afn.delta": 0.3}, "da"),
     "fixmatch": ("fixmatch:1", {}, "da"),
     "dann_mcc": ("dann:1,mcc:1", {}, "da"),
     "shot": ("", {}, "shot"),

@@ -2,13 +2,18 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+from helpers import shrink
 
 from configs import da as da_config
-from tljax import selection, train, validate, validators
+from tljax import selection, sweep, train, validate, validators
 from tljax.methods import da
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_term_lists_parse_in_order_with_default_weight_one():
@@ -82,7 +87,7 @@ def test_select_by_needs_a_known_validator():
     selection.check_select_by(None, None)
 
 
-def test_best_entry_picks_the_highest_finite_score_earliest_on_ties():
+def test_best_entry_picks_the_highest_finite_score_latest_on_ties():
     history = [
         {"step": 1, "validator/snd": 0.5, "target_test/accuracy": 0.1},
         {"step": 2, "validator/snd": float("nan"), "target_test/accuracy": 0.9},
@@ -90,7 +95,7 @@ def test_best_entry_picks_the_highest_finite_score_earliest_on_ties():
         {"step": 4, "validator/snd": 0.7, "target_test/accuracy": 0.4},
     ]
     best = selection.best_entry(history, "snd")
-    assert best["step"] == 3 and best["metrics"]["target_test/accuracy"] == 0.3
+    assert best["step"] == 4 and best["metrics"]["target_test/accuracy"] == 0.4
     assert selection.best_entry(history, "bnm") is None
 
 
@@ -123,3 +128,51 @@ def test_source_only_recipe_trains_without_target_batches(tiny_da_config):
     assert [stream.name for stream in method.train_streams] == ["source"]
     # The validators still see unlabelled target images (never their labels).
     assert set(method.validation_sets["target_unlabelled"]) == {"image"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", list(da_config.RECIPES))
+def test_every_recipe_trains_a_few_steps_and_scores_its_validators(recipe, data_dir, tmp_path):
+    config = shrink(da_config.get_config(f"method={recipe}"), data_dir, steps=4, eval_every=2)
+    config.eval.validator_examples = 64
+    config.eval.batch_size = 200
+    results = train.train_and_evaluate(config, str(tmp_path))
+    assert results["status"] == "ok" and [e["step"] for e in results["history"]] == [2, 4]
+    final = results["final"]
+    assert np.isfinite(final["train/loss"] if "train/loss" in final else final["loss"])
+    assert {f"validator/{name}" for name in validators.NAMES} <= set(final)
+    assert results["selected"]["validator"] == da_config.RECOMMENDED[1]
+
+
+def test_the_sweep_and_select_commands_pick_a_run_and_step(data_dir, tmp_path):
+    workdir = str(tmp_path / "sweep")
+    overrides = {
+        "data.data_dir": data_dir,
+        "train.steps": 4,
+        "train.batch_size": 16,
+        "eval.every": 2,
+        "checkpoint.every": 4,
+        "eval.batch_size": 200,
+        "eval.validator_examples": 64,
+    }
+    results = sweep.run_sweep(
+        "configs/da.py:method=dann,seeds=1,scales=0.3+1", workdir, overrides, log=lambda _: None
+    )
+    assert sorted(results) == ["dann_x0.3_seed0", "dann_x1_seed0"]
+    completed = subprocess.run(
+        [sys.executable, "-m", "tljax.select", workdir, "--validator=im"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    chosen = json.loads((tmp_path / "sweep" / "selection.json").read_text())
+    by_validator = {entry["validator"]: entry for entry in chosen["selections"]}
+    assert set(by_validator) == {"im", "oracle"} and chosen["points"] == 4
+    points = [
+        (entry["validator/im"], entry["step"], name)
+        for name, run in results.items()
+        for entry in run["history"]
+    ]
+    score, step, run = max(points)
+    assert (by_validator["im"]["run"], by_validator["im"]["step"]) == (run, step)

@@ -309,11 +309,6 @@ def write_selection(workdir: str, selection: dict) -> str:
 
 # ---------------------------------------------------------------------- CLI ----
 
-_VALIDATOR = flags.DEFINE_string(
-    "validator", None, "Select by this validator only (default: every one the runs scored)."
-)
-
-
 def main(argv: Sequence[str]) -> None:
     if len(argv) != 2:
         raise validate.ConfigError(
@@ -321,10 +316,15 @@ def main(argv: Sequence[str]) -> None:
             "python -m tljax.select WORKDIR [--validator=NAME]"
         )
     workdir = argv[1]
-    validators = None if _VALIDATOR.value is None else [_VALIDATOR.value]
+    validator = flags.FLAGS.validator
+    validators = None if validator is None else [validator]
     selection = select(workdir, validators)
     print(write_selection(workdir, selection))
 
 
 if __name__ == "__main__":
+    # Defined here, not on import: the trainer imports this module for `best_point`.
+    flags.DEFINE_string(
+        "validator", None, "Select by this validator only (default: every one the runs scored)."
+    )
     app.run(cli.exit_cleanly(main), flags_parser=cli.flags_parser())

@@ -53,7 +53,7 @@ def check_select_by(validator: str | None, available: tuple[str, ...] | None) ->
 
 
 def best_entry(history: list[dict], validator: str) -> dict | None:
-    """The evaluation that ``validator`` ranks best (the earliest of ties).
+    """The evaluation that ``validator`` ranks best (ties: the latest, as `tljax.select`).
 
     Args:
       history: a run's evaluations, {'step', metrics...}.
@@ -62,12 +62,12 @@ def best_entry(history: list[dict], validator: str) -> dict | None:
     Returns:
       {'validator', 'step', 'metrics'} or None when no evaluation has a finite score.
     """
-    key = validator_key(validator)
-    scored = [e for e in history if isinstance(e.get(key), float) and math.isfinite(e[key])]
-    if not scored:
+    from tljax import select
+
+    best = select.best_point([{"run": ".", **entry} for entry in history], validator_key(validator))
+    if best is None:
         return None
-    best = max(scored, key=lambda entry: (entry[key], -entry["step"]))
-    metrics = {name: value for name, value in best.items() if name != "step"}
+    metrics = {name: value for name, value in best.items() if name not in ("run", "step")}
     return {"validator": validator, "step": best["step"], "metrics": metrics}
 
 
