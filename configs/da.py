@@ -43,7 +43,8 @@ RECIPES = {
     "cdan": ("cdan:1", {}, "da"),
     "cdan_e": ("cdan:1", {"cdan.entropy": True}, "da"),
     "mdd": ("mdd:1", {}, "da"),
-    "mcd": ("mcd:1", {}, "da"),
+    # TLlib's digit values for the discrepancy and class-balance entropy.
+    "mcd": ("mcd:1", {"mcd.discrepancy_weight": 0.3, "mcd.entropy_weight": 0.03}, "da"),
     "dan": ("dan:1", {}, "da"),
     "jan": ("jan:1", {}, "da"),
     "coral": ("coral:1", {}, "da"),

@@ -2,7 +2,8 @@
 
 ``load_split`` reads ``<data_dir>/<name>/<split>.npz`` when ``python -m tljax.data.export`` has
 written it there (see ``tljax.data.exported``), and otherwise asks tfds, registering tljax's tfds
-builders ``mnist_m`` and ``embedded_digits`` (configs ``mnist`` and ``mnist_m``). TensorFlow is
+builders ``mnist_m`` and ``embedded_digits`` (configs ``mnist``, ``mnist_m``, ``optdigits`` and
+``syn_digits``: offline digit domains built from installed packages). TensorFlow is
 imported only for a tfds load, so the models, the train step, the input pipeline and runs on
 exported splits also work where it is not installed (an accelerator image).
 """

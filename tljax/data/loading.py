@@ -17,8 +17,8 @@ from tljax.data import embedded as _embedded  # noqa: F401
 from tljax.data import mnist_m as _mnist_m  # noqa: F401
 
 OFFLINE_ALTERNATIVE = (
-    "embedded_digits/mnist and embedded_digits/mnist_m ship inside installed packages; "
-    "use --config=configs/dann.py (default data=embedded)"
+    "embedded_digits/mnist, mnist_m, optdigits and syn_digits ship inside installed packages; "
+    "use --config=configs/dann.py (default data=embedded) or configs/da.py"
 )
 # tfds's own datasets come from here (prepared copies and most raw files, MNIST included).
 _DEFAULT_HOSTS = ("storage.googleapis.com",)
