@@ -55,7 +55,8 @@ RECIPES = {
     "afn": ("afn:0.05,entropy:0.03", {"afn.delta": 0.3}, "da"),
     "fixmatch": ("fixmatch:1", {}, "da"),
     "dann_mcc": ("dann:1,mcc:1", {}, "da"),
-    "shot": ("", {}, "shot"),
+    # The authors' digit settings: the last classifier layer frozen, pseudo-label weight 0.1.
+    "shot": ("", {"shot.pseudo_weight": 0.1, "shot.head": "label/dense_2"}, "shot"),
 }
 # The recipe and validator a user who knows nothing else should run (docs/results/
 # domain_adaptation.md: chosen across pairs without target labels).
