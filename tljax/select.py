@@ -309,6 +309,7 @@ def write_selection(workdir: str, selection: dict) -> str:
 
 # ---------------------------------------------------------------------- CLI ----
 
+
 def main(argv: Sequence[str]) -> None:
     if len(argv) != 2:
         raise validate.ConfigError(
