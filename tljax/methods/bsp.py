@@ -12,9 +12,9 @@ features [M, D] (k = 1, as the paper and TLlib). It is a regulariser for an adve
 'dann:1,bsp:0.0001'``.
 
 Checked against Transfer-Learning-Library's ``tllib/alignment/bsp.py``
-(``BatchSpectralPenalizationLoss``; tests/test_regularizer_terms.py transcribes it). Only the
-singular values are computed (``compute_uv=False``); their gradient u_i^T dF v_i is finite
-even when singular values repeat. Deviation: TLlib's example script first trains the network on
+(``BatchSpectralPenalizationLoss``; tests/test_regularizer_terms.py transcribes it). The
+squared singular values are computed as the eigenvalues of the batch's Gram matrix F F^T
+(TLlib takes an SVD of F), which is much faster for a batch of a few hundred rows. Deviation: TLlib's example script first trains the network on
 the source alone (``--pretrain-epochs``, 3 by default) and starts BSP from that checkpoint; here
 the term applies from step 0 of the run, like every other term.
 """
@@ -37,8 +37,12 @@ def top_singular_energy(features: jax.Array, k: int = 1) -> jax.Array:
     Returns:
       Scalar sigma_1^2 + ... + sigma_k^2.
     """
-    singular_values = jnp.linalg.svd(features.astype(jnp.float32), compute_uv=False)
-    return jnp.square(singular_values[:k]).sum()  # jnp's singular values are descending.
+    features = features.astype(jnp.float32)
+    # sigma_i^2 are the eigenvalues of the smaller Gram matrix: a [N, N] eigendecomposition
+    # costs a fraction of the SVD of [N, D] (on CPU, 300 ms against the 20 ms step it joins).
+    gram = features @ features.T if len(features) <= features.shape[1] else features.T @ features
+    eigenvalues = jnp.linalg.eigvalsh(gram)  # Ascending.
+    return eigenvalues[-k:].sum()
 
 
 def batch_spectral_penalization(
