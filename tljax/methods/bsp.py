@@ -14,9 +14,10 @@ features [M, D] (k = 1, as the paper and TLlib). It is a regulariser for an adve
 Checked against Transfer-Learning-Library's ``tllib/alignment/bsp.py``
 (``BatchSpectralPenalizationLoss``; tests/test_regularizer_terms.py transcribes it). The
 squared singular values are computed as the eigenvalues of the batch's Gram matrix F F^T
-(TLlib takes an SVD of F), which is much faster for a batch of a few hundred rows. Deviation: TLlib's example script first trains the network on
-the source alone (``--pretrain-epochs``, 3 by default) and starts BSP from that checkpoint; here
-the term applies from step 0 of the run, like every other term.
+(TLlib takes an SVD of F), which is much faster for a batch of a few hundred rows.
+Deviation: TLlib's example script first trains the network on the source alone
+(``--pretrain-epochs``, 3 by default) and starts BSP from that checkpoint; here the term
+applies from step 0 of the run, like every other term.
 """
 
 import jax
