@@ -160,3 +160,33 @@ def test_plan_copies_reinitialises_and_freezes_what_the_transfer_block_names(dat
     assert labels == {
         path: "frozen" if path.startswith("feature/conv_0/") else "trained" for path in labels
     }
+
+
+def test_a_checkpoint_saved_on_four_devices_loads_on_one(tmp_path):
+    """Pretraining and fine-tuning may run on different device counts (Orbax would refuse)."""
+    import subprocess
+    import sys
+
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()[:4]), ("data",))
+    kernel = jax.device_put(
+        np.arange(8.0, dtype=np.float32).reshape(4, 2), NamedSharding(mesh, PartitionSpec("data"))
+    )
+    manager = ocp.CheckpointManager(
+        str(tmp_path), options=ocp.CheckpointManagerOptions(create=True)
+    )
+    manager.save(3, args=ocp.args.StandardSave({"params": {"kernel": kernel}, "step": 3}))
+    manager.wait_until_finished()
+    code = (
+        "import jax, sys; jax.config.update('jax_num_cpu_devices', 1);"
+        "from tljax import transfer;"
+        f"p = transfer.load_pretrained({str(tmp_path)!r});"
+        "print(type(p['kernel']).__name__, p['kernel'].sum())"
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    completed = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=root
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert completed.stdout.split() == ["ndarray", "28.0"]

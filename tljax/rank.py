@@ -193,7 +193,6 @@ def restore_params(candidate: Candidate, shapes: Any) -> Any:
     Raises:
       RankInputError: the checkpoint holds no params, or not this network's.
     """
-    import jax
     from flax import traverse_util
 
     from tljax import transfer
@@ -201,14 +200,7 @@ def restore_params(candidate: Candidate, shapes: Any) -> Any:
     try:
         params = transfer.load_pretrained(candidate.workdir)
     except ValueError as error:
-        hint = ""
-        if "Topology mismatch" in str(error):
-            # load_pretrained restores without a target, so Orbax wants the saving devices.
-            hint = (
-                f" This process has {jax.device_count()} device(s): rank with as many devices "
-                "as the run was trained on (on CPU, e.g. JAX_NUM_CPU_DEVICES=<n>)."
-            )
-        raise RankInputError(f"Candidate {candidate.name}: {error}{hint}") from None
+        raise RankInputError(f"Candidate {candidate.name}: {error}") from None
     found = traverse_util.flatten_dict(params, sep="/")
     wanted = traverse_util.flatten_dict(shapes, sep="/")
     differing = sorted(

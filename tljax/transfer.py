@@ -171,7 +171,12 @@ def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None)
     if str(path).endswith(TORCH_SUFFIXES):
         return _convert_torch_file(path, shapes, copied)
     directory, step = checkpoint_directory(path)
-    state = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore())
+    # Host arrays of the saved shapes: a target without shardings restores a checkpoint saved
+    # on any number of devices (Orbax refuses to guess a sharding for another topology).
+    step_dir = os.path.join(directory, str(step), "default")
+    saved = ocp.StandardCheckpointer().metadata(step_dir).item_metadata.tree
+    target = jax.tree.map(lambda leaf: np.zeros(leaf.shape, leaf.dtype), saved)
+    state = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore(target))
     if "params" not in state:
         raise ValueError(f"Checkpoint {directory}/{step} holds no 'params' entry.")
     return jax.tree.map(np.asarray, state["params"])
