@@ -28,6 +28,30 @@ def train_block(steps: int, batch_size: int, log_every: int = 100) -> ml_collect
     )
 
 
+def digit_model_block(num_classes: int = 10) -> ml_collections.ConfigDict:
+    """The `model` block of the digit network on 28x28 images, with the CPU lowering options.
+
+    Args:
+      num_classes: outputs of the classifier.
+
+    Returns:
+      The block (3 channels: grey images are repeated).
+    """
+    return ml_collections.ConfigDict(
+        dict(
+            num_classes=num_classes,
+            image_size=(28, 28),
+            channels=3,
+            conv_impl="auto",
+            # 'bfloat16': bf16 matmul operands in the im2col convolutions, fp32 accumulation
+            # and activations (docs/experiments.md); float32 is exact.
+            conv_operands="float32",
+            dtype="float32",
+            microbatch="auto",
+        )
+    )
+
+
 def add_training_blocks(
     config: ml_collections.ConfigDict,
     *,

@@ -28,7 +28,7 @@ Target labels are used only to report ``target_test/accuracy``.
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import train_block
+from configs._common import digit_model_block, train_block
 from tljax.config_utils import parse_arg
 from tljax.methods import da
 from tljax.validate import ConfigError
@@ -96,18 +96,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             data_dir=FieldReference(None, field_type=str),
         )
     )
-    config.model = ml_collections.ConfigDict(
-        dict(
-            name="digits",
-            num_classes=10,
-            image_size=(28, 28),
-            channels=3,
-            conv_impl="auto",
-            conv_operands="float32",
-            dtype="float32",
-            microbatch="auto",
-        )
-    )
+    config.model = digit_model_block()
+    config.model.name = "digits"
     config.da = ml_collections.ConfigDict(
         dict(
             recipe=method,

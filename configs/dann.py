@@ -18,7 +18,7 @@ only.
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import train_block
+from configs._common import digit_model_block, train_block
 from tljax.config_utils import parse_arg
 
 DATASETS = {
@@ -43,19 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dict(source=source, target=target, eval_split="test", data_dir=data_dir)
     )
 
-    config.model = ml_collections.ConfigDict(
-        dict(
-            num_classes=10,
-            image_size=(28, 28),
-            channels=3,
-            conv_impl="auto",
-            # 'bfloat16': bf16 matmul operands in the im2col convolutions, fp32 accumulation
-            # and activations (docs/experiments.md); float32 is exact.
-            conv_operands="float32",
-            dtype="float32",
-            microbatch="auto",
-        )
-    )
+    config.model = digit_model_block()
     config.dann = ml_collections.ConfigDict(
         dict(adversarial=arg["adversarial"], gamma=10.0, domain_weight=1.0)
     )
