@@ -40,9 +40,11 @@ def conv_operand_dtypes(jaxpr) -> list:
     for eqn in jaxpr.eqns:
         if eqn.primitive.name == "conv_general_dilated":
             dtypes.append(eqn.invars[0].aval.dtype)
-        for value in eqn.params.values():
-            if isinstance(value, jax.extend.core.ClosedJaxpr):
-                dtypes += conv_operand_dtypes(value.jaxpr)
-            elif isinstance(value, jax.extend.core.Jaxpr):
-                dtypes += conv_operand_dtypes(value)
+        for param in eqn.params.values():
+            # lax.cond keeps its branches as a tuple of jaxprs.
+            for value in param if isinstance(param, tuple) else (param,):
+                if isinstance(value, jax.extend.core.ClosedJaxpr):
+                    dtypes += conv_operand_dtypes(value.jaxpr)
+                elif isinstance(value, jax.extend.core.Jaxpr):
+                    dtypes += conv_operand_dtypes(value)
     return dtypes

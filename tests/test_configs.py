@@ -51,7 +51,10 @@ def test_every_config_builds_its_method_optimizer_and_schedule(name, data_dir):
     assert float(schedule(0)) == pytest.approx(config.lr.base)
 
     batch = host_batch(method.train_streams, seed=config.seed, step=0)
-    domains = 2 if config.method == "dann" and config.dann.adversarial else 1
+    adapting = (config.method == "dann" and config.dann.adversarial) or (
+        config.method == "da" and config.da.terms
+    )
+    domains = 2 if adapting or config.method == "shot" else 1
     assert sum(len(v) for k, v in batch.items() if k.endswith(("_image", "_patch"))) == (
         domains * config.train.batch_size
     )
@@ -62,6 +65,19 @@ def test_every_config_builds_its_method_optimizer_and_schedule(name, data_dir):
 
 # Each config's documented variants (its docstring) and what they set.
 DOCUMENTED_VARIANTS = [
+    (
+        "da",
+        "method=cdan_e,source=syn_digits,target=mnist",
+        {
+            "method": "da",
+            "da.terms": "cdan:1",
+            "cdan.entropy": True,
+            "data.source": "embedded_digits/syn_digits",
+            "data.target": "embedded_digits/mnist",
+        },
+    ),
+    ("da", "method=dann,scale=0.3,seed=2", {"da.terms": "dann:0.3", "seed": 2}),
+    ("da", "method=shot", {"method": "shot", "da.terms": "", "shot.pseudo_weight": 0.1}),
     ("dann", "data=full", {"data.source": "mnist", "data.target": "mnist_m"}),
     ("dann", "adversarial=False,seed=3", {"dann.adversarial": False, "seed": 3}),
     ("source_only", "data=full,seed=3", {"dann.adversarial": False, "data.source": "mnist"}),
@@ -417,6 +433,9 @@ def test_compilation_cache_dir_resolution(monkeypatch):
 
 # Every config variant that trains a convnet on the embedded digits.
 CONVNET_VARIANTS = [
+    ("da", None),
+    ("da", "method=fixmatch"),
+    ("da", "method=shot"),
     ("dann", None),
     ("source_only", None),
     ("target_only", None),
