@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import results_page  # noqa: E402
 
 from configs import da as da_config  # noqa: E402
-from tljax import selection, validators  # noqa: E402
+from tljax import select, selection, validators  # noqa: E402
 
 PAIRS = (
     "mnist:mnist_m,mnist_m:mnist,mnist:optdigits,optdigits:mnist,syn_digits:mnist,mnist:syn_digits"
@@ -46,6 +46,7 @@ _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds.")
 _STEPS = flags.DEFINE_integer("steps", 1000, "Training steps per run.")
 _EVAL_EVERY = flags.DEFINE_integer("eval_every", 200, "Steps between evaluations.")
 _WORKERS = flags.DEFINE_integer("workers", 1, "Runs side by side (each on its own cores).")
+_RUN = flags.DEFINE_bool("run", True, "Train the unfinished runs (False: report the finished).")
 _OUT = flags.DEFINE_string("out", "runs/bench_da", "Root of the per-run workdirs.")
 _PAGE = flags.DEFINE_string(
     "page", results_page.default_page("domain_adaptation"), "Results page to write ('': none)."
@@ -141,14 +142,19 @@ def run_summary(results: dict) -> dict:
 
 
 def protocol_accuracy(runs: dict[str, dict], validator: str) -> float:
-    """Target accuracy of the (recipe, step) a validator picks over the whole catalogue."""
+    """Target accuracy of the (recipe, step) a validator picks over the whole catalogue.
+
+    As ``python -m tljax.select``: over the runs not marked collapsed, ties to the earliest
+    recipe name, then the latest step.
+    """
     points = [
-        (entry.get(f"validator/{validator}", np.nan), -entry["step"], entry[ACCURACY])
-        for results in runs.values()
+        {"run": method, "status": results.get("status"), **entry}
+        for method, results in runs.items()
         for entry in results["history"]
     ]
-    points = [p for p in points if np.isfinite(p[0])]
-    return max(points)[2] if points else float("nan")
+    candidates = [p for p in points if p["status"] != select.COLLAPSED]
+    best = select.best_point(candidates, f"validator/{validator}")
+    return float("nan") if best is None else best[ACCURACY]
 
 
 def _mean_std(values) -> str:
@@ -239,7 +245,8 @@ def main(argv):
     jobs = list(itertools.product(_PAIRS.value, _METHODS.value, _SEEDS.value))
     # Seed-major order: a benchmark cut short still covers every recipe and pair.
     jobs.sort(key=lambda job: (_SEEDS.value.index(job[2]), _PAIRS.value.index(job[0])))
-    run_all(jobs)
+    if _RUN.value:
+        run_all(jobs)
 
     summaries, protocol, seeds_done = {}, {}, set()
     for pair in _PAIRS.value:

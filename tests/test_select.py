@@ -26,7 +26,8 @@ def _entry(step, acc, **scores):
 
 # run -> history. Designed so that: snd ties across runs at 3.0 (the earlier run wins),
 # entropy ties within a run (the later step wins), dev's NaN is the first point a naive max
-# would meet, dev's best is in the collapsed run, and the oracle is not any validator's pick.
+# would meet, dev's best score is in the collapsed run (never picked), and the oracle is not
+# any validator's pick.
 SWEEP = {
     "lr_0.1/seed_0": [
         _entry(100, 0.50, snd=1.0, dev=-2.0, entropy=-0.3),
@@ -97,19 +98,20 @@ def test_select_picks_exact_points(sweep):
     assert picks == {
         "snd": ("lr_0.1/seed_0", 200, 3.0, 0.70),  # Tie with seed_1 at 200: earlier run.
         "entropy": ("lr_0.1/seed_0", 200, -0.3, 0.70),  # Tie with step 100: later step.
-        "dev": ("lr_1.0", 100, -0.1, 0.30),  # NaN skipped; the collapsed run counts.
+        "dev": ("lr_0.1/seed_1", 200, -0.5, 0.65),  # NaN skipped; the collapsed run too.
         "oracle": ("lr_0.1/seed_0", 200, 0.70, 0.70),
     }
 
 
 def test_rank_correlation_matches_scipy_on_the_same_numbers(sweep):
     entries = _by_validator(select.select(sweep))
-    accuracies = [0.50, 0.70, 0.60, 0.65, 0.30, 0.25]
-    snd = [1.0, 3.0, 2.0, 3.0, 0.5, 0.2]
+    # Over the runs not collapsed (lr_1.0 is).
+    accuracies = [0.50, 0.70, 0.60, 0.65]
+    snd = [1.0, 3.0, 2.0, 3.0]
     expected_snd = stats.spearmanr(snd, accuracies).statistic
     assert entries["snd"]["rank_correlation"] == pytest.approx(expected_snd)
     # dev's NaN point (the second) is left out of its correlation.
-    dev = [-2.0, -2.5, -0.5, -0.1, -3.0]
+    dev = [-2.0, -2.5, -0.5]
     expected_dev = stats.spearmanr(dev, accuracies[:1] + accuracies[2:]).statistic
     assert entries["dev"]["rank_correlation"] == pytest.approx(expected_dev)
     assert expected_dev != pytest.approx(expected_snd)
@@ -202,7 +204,7 @@ def _cli(*args):
 def test_cli_writes_and_prints_the_selection(sweep):
     proc = _cli(sweep, "--validator=dev")
     assert proc.returncode == 0, proc.stderr
-    assert "| dev | lr_1.0 | 100 | 0.3000 |" in proc.stdout
+    assert "| dev | lr_0.1/seed_1 | 200 | 0.6500 | +0.500 |" in proc.stdout
     with open(os.path.join(sweep, "selection.json")) as f:
         assert [e["validator"] for e in json.load(f)["selections"]] == ["dev", "oracle"]
 

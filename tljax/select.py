@@ -7,7 +7,9 @@ Every evaluation of every run under WORKDIR is a candidate point: a run is a dir
 ``results.json`` (WORKDIR itself, or sub-directories at any depth; its name is its path
 relative to WORKDIR, "." for WORKDIR itself), and its points are the entries of its
 ``history``. A directory with only ``results.partial.json`` (an unfinished or preempted run)
-is skipped with a note; runs marked ``"status": "collapsed"`` count, their history being real.
+is skipped with a note. Validators choose among the runs not marked ``"status": "collapsed"``
+(the collapse monitor saw their classifier at chance on labelled source batches: no target
+label is involved), since some rank constant predictions highest.
 
 Each validator (history key ``validator/<name>``, higher is better, `tljax.validators`) picks
 the point with its highest score: ties go to the earliest run name, then the latest step; NaN
@@ -40,6 +42,7 @@ from tljax.validators import NAMES
 VALIDATOR_PREFIX = "validator/"
 TARGET_ACCURACY = "target_test/accuracy"
 ORACLE = "oracle"
+COLLAPSED = "collapsed"
 SELECTION_JSON = "selection.json"
 SELECTION_MD = "selection.md"
 # Fewer points than this give no rank correlation (two points always correlate perfectly).
@@ -227,7 +230,8 @@ def select(workdir: str, validators: Sequence[str] | None = None) -> dict:
     Returns:
       {"workdir": absolute path, "points": number of (run, step) points, "selections": one
       {"validator", "run", "step", "score", "target_accuracy", "rank_correlation"} per
-      validator, then the oracle's (picked by target accuracy; its rank_correlation is None)}.
+      validator (over the runs not marked collapsed), then the oracle's (picked by target
+      accuracy over every run; its rank_correlation is None)}.
       A validator with no finite score has None for run, step, score and target_accuracy.
 
     Raises:
@@ -253,10 +257,14 @@ def select(workdir: str, validators: Sequence[str] | None = None) -> dict:
                     available,
                 )
             )
+    # A collapsed run's classifier sat at chance on its labelled source batches, which needs no
+    # target label to see; some validators rank such constant predictions highest (SND).
+    candidates = [point for point in points if point.get("status") != COLLAPSED]
     selections = []
     for name in chosen:
         key = VALIDATOR_PREFIX + name
-        selections.append(_entry(name, best_point(points, key), key, rank_correlation(points, key)))
+        best, correlation = best_point(candidates, key), rank_correlation(candidates, key)
+        selections.append(_entry(name, best, key, correlation))
     oracle = best_point(points, TARGET_ACCURACY)
     selections.append(_entry(ORACLE, oracle, TARGET_ACCURACY, None))
     return {"workdir": os.path.abspath(workdir), "points": len(points), "selections": selections}
