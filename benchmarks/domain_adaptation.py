@@ -133,7 +133,8 @@ def run_summary(results: dict) -> dict:
     summary = {
         "final": history[-1][ACCURACY],
         "oracle": max(e[ACCURACY] for e in history),
-        "step_s": results["timing_s"]["train"] / max(results["steps"], 1),
+        # A collapsed run stops early: its train time covers the steps it ran.
+        "step_s": results["timing_s"]["train"] / max(results.get("last_step", results["steps"]), 1),
         "collapsed": results.get("status") == "collapsed",
     }
     for name in validators.NAMES:
