@@ -21,8 +21,9 @@ Variants (after ':', comma separated):
 
 Every evaluation scores the label-free validators (`tljax.validators`: source_accuracy on the
 source test split, entropy, im, snd, bnm, dev on 1,000 unlabelled target training images) and
-``eval.select_by`` keeps the checkpoint its validator ranks best (results.json ``selected``).
-Target labels are used only to report ``target_test/accuracy``.
+``eval.select_by`` (RECOMMENDED's validator for every recipe) keeps the checkpoint its
+validator ranks best (results.json ``selected``). Target labels are used only to report
+``target_test/accuracy``.
 """
 
 import ml_collections
@@ -62,7 +63,7 @@ RECIPES = {
 }
 # The recipe and validator a user who knows nothing else should run (docs/results/
 # domain_adaptation.md: chosen across pairs without target labels).
-RECOMMENDED = ("mcc", "snd")
+RECOMMENDED = ("mcd", "im")
 SCALES = "0.3+1"
 
 
@@ -74,9 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ConfigError(
             "method=all is the sweep of every recipe: add --sweep (or --sweep_commands)."
         )
-    select_by = "snd"
     if method == "recommended":
-        method, select_by = RECOMMENDED
+        method = RECOMMENDED[0]
     if method not in RECIPES:
         raise ConfigError(
             f"method={method!r}; choose one of {', '.join(RECIPES)}, recommended or all."
@@ -127,7 +127,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             batch_size=500,
             validators=True,
             validator_examples=1000,
-            select_by=FieldReference(select_by, field_type=str),
+            select_by=FieldReference(RECOMMENDED[1], field_type=str),
         )
     )
     config.checkpoint = ml_collections.ConfigDict(dict(every=1000, max_to_keep=1))
