@@ -139,8 +139,13 @@ def test_every_recipe_trains_a_few_steps_and_scores_its_validators(recipe, data_
     results = train.train_and_evaluate(config, str(tmp_path))
     assert results["status"] == "ok" and [e["step"] for e in results["history"]] == [2, 4]
     final = results["final"]
-    assert np.isfinite(final["train/loss"] if "train/loss" in final else final["loss"])
+    assert np.isfinite(final["train/loss"])
     assert {f"validator/{name}" for name in validators.NAMES} <= set(final)
+    # Each term (and SHOT's stages) logs its own losses beside the base's.
+    base = {"train/loss", "train/class_loss", "train/source_accuracy", "train/lr"}
+    own = {key for key in final if key.startswith("train/")} - base - {"train/grl_lambda"}
+    assert bool(own) == (recipe != "source_only"), own
+    assert np.isfinite([final[key] for key in own]).all()
     assert results["selected"]["validator"] == da_config.RECOMMENDED[1]
 
 

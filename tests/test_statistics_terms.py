@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import da as da_config
-from tljax import models, train
+from tljax import models
 from tljax.methods import adaptation, coral, da, dan, image_model_fns, jan
 
 ALPHAS = dan.DEFAULTS["kernel_alphas"]
@@ -362,16 +362,3 @@ def test_the_three_terms_compose_in_the_da_loss(tiny_da_config):
         metrics["mkmmd"], tllib_mkmmd(source, target, ALPHAS, linear=False), rtol=1e-4
     )
     np.testing.assert_allclose(metrics["coral"], tllib_coral(source, target), rtol=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name, metric", [("dan", "mkmmd"), ("jan", "jmmd"), ("coral", "coral")])
-def test_a_few_steps_train_through_the_da_base(tiny_da_config, tmp_path, name, metric):
-    tiny_da_config.da.terms = f"{name}:1"
-    # One evaluation, on one device: the term's path through training is under test.
-    tiny_da_config.eval.every = tiny_da_config.checkpoint.every = tiny_da_config.train.steps
-    results = train.train_and_evaluate(tiny_da_config, str(tmp_path), devices=jax.devices()[:1])
-    assert results["status"] == "ok" and results["last_step"] == tiny_da_config.train.steps
-    assert math.isfinite(results["final"]["train/loss"])
-    assert math.isfinite(results["final"][f"train/{metric}"])
-    assert 0.0 <= results["final"]["target_test/accuracy"] <= 1.0
