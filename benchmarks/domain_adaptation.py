@@ -283,6 +283,23 @@ def main(argv):
         cells += [_mean_std(protocol[pair][name]) for name in (*validators.NAMES, "oracle")]
         protocol_lines.append("| " + " | ".join(cells) + " |")
 
+    correlation_lines = [
+        "| pair | " + " | ".join(validators.NAMES) + " |",
+        "|" + "---|" * (len(validators.NAMES) + 1),
+    ]
+    for pair in summaries:
+        points = [
+            {"run": f"{method}_seed{seed}", "status": results.get("status"), **entry}
+            for method in _METHODS.value
+            for seed in _SEEDS.value
+            if (results := load(pair, method, seed)) is not None
+            for entry in results["history"]
+        ]
+        points = [p for p in points if p["status"] != select.COLLAPSED]
+        cells = [select.rank_correlation(points, f"validator/{name}") for name in validators.NAMES]
+        cells = ["-" if c is None else f"{c:+.2f}" for c in cells]
+        correlation_lines.append(f"| {pair.replace(':', ' → ')} | " + " | ".join(cells) + " |")
+
     gains = combination_gains(summaries)
     best = recommendation(gains, len(summaries))
     ranked = sorted(
@@ -303,6 +320,9 @@ def main(argv):
             "**The catalogue selected without target labels** (per pair and seed, the "
             "(recipe, step) each validator ranks best over every recipe; oracle: best by "
             "target labels)\n\n" + "\n".join(protocol_lines),
+            "**How each validator ranks every evaluation** (Spearman correlation with target "
+            "accuracy over every (recipe, seed, step) of a pair, collapsed runs left out)\n\n"
+            + "\n".join(correlation_lines),
             "**Recipe and validator combinations** (gain in points of target accuracy over "
             "source-only's final step, mean over pairs and its worst pair; top 15)\n\n"
             + "\n".join(gain_lines),
