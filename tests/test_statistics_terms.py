@@ -362,3 +362,10 @@ def test_the_three_terms_compose_in_the_da_loss(tiny_da_config):
         metrics["mkmmd"], tllib_mkmmd(source, target, ALPHAS, linear=False), rtol=1e-4
     )
     np.testing.assert_allclose(metrics["coral"], tllib_coral(source, target), rtol=1e-4)
+
+
+def test_identical_features_give_a_finite_discrepancy_and_gradient():
+    """Dead ReLUs make every feature equal: the batch's bandwidth is 0 (TLlib's loss is NaN)."""
+    zeros = jnp.zeros((4, 3))
+    value, grad = jax.value_and_grad(lambda s: dan.mk_mmd(s, zeros, ALPHAS))(zeros)
+    assert np.isfinite(value) and np.isfinite(grad).all()

@@ -47,6 +47,10 @@ DEFAULTS = {
 }
 
 
+# Floor of the bandwidth estimate, well above float32's flush-to-zero range.
+MIN_MEAN_DISTANCE = 1e-12
+
+
 def squared_distances(x: jax.Array) -> jax.Array:
     """Squared Euclidean distances between all rows of ``x``.
 
@@ -76,6 +80,9 @@ def multi_gaussian_kernel(x: jax.Array, alphas: Sequence[float]) -> jax.Array:
     distances = squared_distances(x)
     # TLlib detaches the bandwidth estimate: it sets the scale, it is not a path to align by.
     mean_distance = jax.lax.stop_gradient(distances.mean())
+    # Features that are all equal (e.g. dead ReLUs) have mean distance 0, and 0 / 0 would make
+    # the loss NaN where TLlib's does; with a floor every kernel is 1 there, the MMD 0.
+    mean_distance = jnp.maximum(mean_distance, MIN_MEAN_DISTANCE)
     return sum(jnp.exp(-distances / (2.0 * alpha * mean_distance)) for alpha in alphas)
 
 
