@@ -63,7 +63,7 @@ RECIPES = {
 }
 # The recipe and validator a user who knows nothing else should run (docs/results/
 # domain_adaptation.md: chosen across pairs without target labels).
-RECOMMENDED = ("mcd", "im")
+RECOMMENDED = ("mcc", "im")
 SCALES = "0.3+1"
 
 
