@@ -25,10 +25,14 @@ from tljax import collapse, sweep, train  # noqa: E402
 
 _OUT = flags.DEFINE_string("out", "tests/data/healthy_train_metrics.json", "JSON file to write.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the runs go (new directories).")
+_ONLY = flags.DEFINE_list(
+    "only", None, "Record only these runs (workdir names) and keep the others from --out."
+)
 flags.mark_flag_as_required("workdir")
 
 # (config spec, workdir name); '{<name>}' in a spec is that run's workdir.
 RUNS = (
+    ("da", "da"),
     ("dann", "dann"),
     ("source_only", "source_only"),
     ("target_only", "target_only"),
@@ -94,12 +98,24 @@ def _record(config, workdir: str, spec: str) -> dict:
 def main(argv):
     del argv
     workdirs = {name: os.path.join(_WORKDIR.value, name) for _, name in RUNS}
+    kept = {}
+    if _ONLY.value:
+        with open(_OUT.value) as f:
+            recorded = json.load(f)
+        kept = {trace["config"]: trace for trace in recorded["runs"]}
     runs = []
     for spec, name in RUNS:
+        if _ONLY.value and name not in _ONLY.value and spec in kept:
+            runs.append(kept[spec])
+            continue
         config_file, _, arg = spec.format(**workdirs).partition(":")
         module = sweep.load_config_module(os.path.join("configs", f"{config_file}.py"))
         config = module.get_config(arg or None)
         runs.append(_record(config, workdirs[name], spec))
+    if _ONLY.value:
+        with open(_OUT.value, "w") as f:
+            json.dump({"runs": runs, "collapsed": recorded["collapsed"]}, f, indent=1)
+        return
     forced = dann.get_config()
     forced.train.update(steps=300, log_every=25)
     forced.eval.every = forced.checkpoint.every = 100
