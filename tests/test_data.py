@@ -336,7 +336,7 @@ def test_random_digits_stand_in_for_the_embedded_splits(name, split, data_dir):
 def test_load_split_unknown_name_fails_clearly(name, tmp_path):
     with pytest.raises(DatasetUnavailableError, match=name) as caught:
         load_split(name, "train", str(tmp_path))
-    assert "embedded_digits/mnist and embedded_digits/mnist_m" in str(caught.value)
+    assert "embedded_digits/mnist, mnist_m, optdigits and syn_digits" in str(caught.value)
 
 
 @pytest.mark.parametrize("name", ["mnist", "mnist_m"])
