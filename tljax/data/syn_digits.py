@@ -13,7 +13,7 @@ antialiased.
 
 Of matplotlib 3.11's 40 ``.ttf`` files, the 21 in ``DIGIT_FONTS`` draw the ten digits; the
 others map '0'..'9' to no glyph (``DejaVuSansDisplay``, ``DejaVuSerifDisplay``, the
-``STIXNonUni*`` and ``STIXSiz*`` variants), to a placeholder box (``LastResortHE-Regular``),
+``STIXNonUni*`` and ``STIXSiz*`` variants), to a stand-in box (``LastResortHE-Regular``),
 to symbols (``cmex10``: delimiter pieces, ``cmsy10``: math symbols) or to old-style figures
 (``cmmi10``). ``find_digit_fonts`` repeats that check on whatever matplotlib is installed.
 
