@@ -223,6 +223,11 @@ def build(
         labels = batch["source_label"]
         features = lambda images: net.apply(params, net.preprocess(images), method="features")
         classify = lambda feats: net.apply(params, feats, method="classify")
+
+        def forward(images):
+            image_features = features(images)
+            return image_features, classify(image_features)
+
         source_features = features(batch["source_image"])
         source_logits = classify(source_features)
         class_loss = optax.softmax_cross_entropy_with_integer_labels(source_logits, labels).mean()
@@ -256,7 +261,7 @@ def build(
             auxiliary=auxiliary,
             reverse=lambda x: gradient_reversal(x, jnp.asarray(lam, x.dtype)),
             target_images=batch["target_image"],
-            forward=lambda images: (lambda f: (f, classify(f)))(features(images)),
+            forward=forward,
         )
         for term, weight in terms:
             term_loss, term_metrics = term.loss(outputs)
