@@ -4,6 +4,7 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from tljax import collapse
+from tljax.data import folders
 
 
 def train_block(steps: int, batch_size: int, log_every: int = 100) -> ml_collections.ConfigDict:
@@ -100,3 +101,18 @@ def transfer_block(init_from: str | None = None, **fields) -> ml_collections.Con
     return ml_collections.ConfigDict(
         dict(init_from=FieldReference(init_from, field_type=str), **block)
     )
+
+
+def add_folder_fields(data: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Adds what ``folder:<path>`` datasets read: ``data.root`` and the ``data.folder`` block.
+
+    Args:
+      data: the config's ``data`` block (modified in place).
+
+    Returns:
+      ``data``. ``root`` (None) is where relative folder paths start; ``folder`` holds the
+      augmentation, split, bad-image and worker settings (`tljax.data.folders.FolderOptions`).
+    """
+    data.root = FieldReference(None, field_type=str)
+    data.folder = folders.config_block()
+    return data

@@ -29,7 +29,7 @@ validator ranks best (results.json ``selected``). Target labels are used only to
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import digit_model_block, train_block
+from configs._common import add_folder_fields, digit_model_block, train_block
 from tljax.config_utils import parse_arg
 from tljax.methods import da
 from tljax.validate import ConfigError
@@ -96,6 +96,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             data_dir=FieldReference(None, field_type=str),
         )
     )
+    add_folder_fields(config.data)
     config.model = digit_model_block()
     config.model.name = "digits"
     config.da = ml_collections.ConfigDict(

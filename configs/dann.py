@@ -18,7 +18,7 @@ only.
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import digit_model_block, train_block
+from configs._common import add_folder_fields, digit_model_block, train_block
 from tljax.config_utils import parse_arg
 
 DATASETS = {
@@ -42,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(source=source, target=target, eval_split="test", data_dir=data_dir)
     )
+    add_folder_fields(config.data)
 
     config.model = digit_model_block()
     config.dann = ml_collections.ConfigDict(

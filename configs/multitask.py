@@ -33,7 +33,7 @@ GradNorm, 0.692 PCGrad, 0.634 uncertainty weighting; mnist stays at 0.966-0.968 
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import add_training_blocks, transfer_block
+from configs._common import add_folder_fields, add_training_blocks, transfer_block
 from tljax.config_utils import parse_arg
 
 TASKS = {
@@ -76,6 +76,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
             data_dir=FieldReference(None, field_type=str),
         )
     )
+    add_folder_fields(config.data)
     # One entry per task (ordered by name): its dataset, optional class subset (relabelled
     # 0..n-1), labelled examples per class (0: all), share of each batch, and fixed loss weight.
     config.tasks = ml_collections.ConfigDict(

@@ -18,7 +18,7 @@ import ml_collections
 from ml_collections.config_dict import FieldReference
 
 from configs import dann
-from configs._common import add_training_blocks, transfer_block
+from configs._common import add_folder_fields, add_training_blocks, transfer_block
 from tljax.config_utils import parse_arg
 
 
@@ -59,6 +59,7 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
             data_dir=FieldReference(None, field_type=str),
         )
     )
+    add_folder_fields(config.data)
     num_classes = len(classes) if classes else 10
     config.model = ml_collections.ConfigDict(
         dict(

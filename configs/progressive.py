@@ -32,7 +32,7 @@ digits59 at 0.966 / 0.969 exactly through task 2; fine-tuning reaches 0.851 on m
 import ml_collections
 from ml_collections.config_dict import FieldReference
 
-from configs._common import add_training_blocks, transfer_block
+from configs._common import add_folder_fields, add_training_blocks, transfer_block
 from tljax.config_utils import parse_arg
 
 VARIANTS = ("progressive", "independent", "finetune")
@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data = ml_collections.ConfigDict(
         dict(train_split="train", eval_split="test", data_dir=FieldReference(None, field_type=str))
     )
+    add_folder_fields(config.data)
     config.tasks = ml_collections.ConfigDict(
         dict(
             digits04=dict(dataset=mnist, classes=(0, 1, 2, 3, 4)),

@@ -39,6 +39,8 @@ from tljax import validate
 State = Any
 
 RECORD_KEY = "tljax_integrity"
+# The input pipeline's state at the saved step, stored beside the record.
+INPUT_KEY = "tljax_input_pipeline"
 RECORD_FORMAT = 1
 # Orbax's names for the step metadata and the commit marker inside a step directory.
 STEP_METADATA_FILE = "_CHECKPOINT_METADATA"
@@ -324,6 +326,21 @@ def read_record(step_dir: str) -> tuple[dict | None, str | None]:
             "no integrity record: an incomplete save, or one made before tljax recorded them"
         )
     return dict(record), None
+
+
+def saved_input_state(directory: str, step: int) -> dict | None:
+    """The input pipeline's state saved with one step (`tljax.data.pipeline.iterator_state`).
+
+    Args:
+      directory: the checkpoint directory.
+      step: a step restored from it.
+
+    Returns:
+      The state, or None for a checkpoint saved without one.
+    """
+    path = os.path.join(directory, str(step), STEP_METADATA_FILE)
+    with open(path) as f:
+        return (json.load(f).get("custom_metadata") or {}).get(INPUT_KEY)
 
 
 def _agree_across_processes(step: int, directory: str) -> None:

@@ -22,7 +22,7 @@ RESULTS_FILE = "results.json"
 # The same, written at every checkpoint, so that the launch after a killed one keeps what it
 # measured. results.json itself appears only when a launch finishes: sweeps read it as "done".
 PARTIAL_RESULTS_FILE = "results.partial.json"
-PHASES = ("setup", "compile", "train", "eval", "checkpoint")
+PHASES = ("setup", "compile", "train", "input", "eval", "checkpoint")
 
 
 def previous(workdir: str) -> tuple[dict | None, str | None]:
@@ -71,7 +71,7 @@ def carried_over(previous: dict | None, first_step: int) -> tuple[list[dict], li
 
 def train_seconds(loop_start: float, phases: dict[str, float]) -> float:
     """Seconds since ``loop_start`` spent in no timed phase (``phases``: name -> seconds)."""
-    # The loop's time that no phase took: the steps and the input pipeline.
+    # The loop's time that no phase took: the steps (the input pipeline's waits are 'input').
     return time.perf_counter() - loop_start - sum(phases.values())
 
 
@@ -90,7 +90,7 @@ def launch_record(
       last_step: the step it reached.
       start_time: ``time.perf_counter()`` at the launch's start.
       loop_start: ``time.perf_counter()`` when its training loop started.
-      phases: seconds per timed phase (compile, eval, checkpoint).
+      phases: seconds per timed phase (compile, input, eval, checkpoint).
       train_s: training seconds, if already measured; else computed now.
 
     Returns:
@@ -99,7 +99,7 @@ def launch_record(
     if train_s is None:
         train_s = train_seconds(loop_start, phases)
     timing = {"setup": loop_start - start_time, "train": train_s}
-    timing |= {name: phases.get(name, 0.0) for name in ("compile", "eval", "checkpoint")}
+    timing |= {name: phases.get(name, 0.0) for name in ("compile", "input", "eval", "checkpoint")}
     return {
         "from_step": first_step,
         "to_step": last_step,

@@ -35,7 +35,7 @@ from tljax import (
 from tljax import params as ptree
 from tljax import results as run_results
 from tljax import workdir as workdirs
-from tljax.data import pipeline
+from tljax.data import folders, pipeline
 
 State = dict[str, Any]
 
@@ -343,7 +343,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     if mesh.devices.flat[0].platform == "cpu":
         host.retain_freed_memory()
     num_steps = config.train.steps
-    method = methods.build(config)
+    # Folder datasets are read at the model's image size, with the config's data.folder block.
+    with folders.reading(folders.FolderOptions.from_config(config)):
+        method = methods.build(config)
     validate.check_method_inputs(config, method)
     for stream in method.train_streams:
         parallel.check_batch_size(f"train.batch_size ({stream.name})", stream.batch_size, mesh)
@@ -361,6 +363,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     state = create_train_state(method, optimizer, config.seed, mesh, plan)
     manager = checkpoints.checkpoint_manager(workdir, config)
     state, first_step = checkpoints.restore_latest(manager, state)
+    if first_step:
+        saved_input = checkpoints.saved_input_state(manager.directory, first_step)
+        pipeline.check_resume(saved_input, method.train_streams, config.seed, first_step)
 
     is_lead = jax.process_index() == 0
     previous, previous_path = run_results.previous(workdir)
@@ -424,7 +429,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     watch.install()
     try:
         for step in range(first_step, num_steps):
-            batch = next(batches)
+            # Time the step waits for its batch: zero while the pipeline keeps ahead.
+            with log.timed("input"):
+                batch = next(batches)
             if train_step is None:
                 with log.timed("compile"):
                     train_step, about["compile_time_s"] = compile_train_step(
@@ -461,7 +468,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
                     pending = ([], {})
                 with log.timed("checkpoint", wait_for=state):
                     _check_finite_params(all_finite, state["params"], done, manager, last_saved)
-                    manager.save(done, args=ocp.args.StandardSave(state))
+                    input_state = pipeline.iterator_state(method.train_streams, config.seed, done)
+                    manager.save(
+                        done,
+                        args=ocp.args.StandardSave(state),
+                        custom_metadata={checkpoints.INPUT_KEY: input_state},
+                    )
                 last_saved = done
                 if is_lead:
                     launch = run_results.launch_record(

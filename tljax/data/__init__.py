@@ -1,5 +1,7 @@
-"""tljax's data layer: whole splits in memory, from tfds or from exported NumPy files.
+"""tljax's data layer: splits from tfds, exported NumPy files or image folders.
 
+A ``folder:<path>`` name reads a folder of class folders of images (`tljax.data.folders`),
+streamed from the files by worker processes when it is large or augmented.
 ``load_split`` reads ``<data_dir>/<name>/<split>.npz`` when ``python -m tljax.data.export`` has
 written it there (see ``tljax.data.exported``), and otherwise asks tfds, registering tljax's tfds
 builders ``mnist_m`` and ``embedded_digits`` (configs ``mnist``, ``mnist_m``, ``optdigits`` and
@@ -15,7 +17,7 @@ import importlib
 import numpy as np
 
 from tljax import validate
-from tljax.data import exported
+from tljax.data import exported, folders
 
 __all__ = ["DatasetUnavailableError", "blend_mnist_m", "load_split"]
 
@@ -31,19 +33,26 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
     read-only, so copy them before modifying.
 
     Args:
-      name: tfds name, e.g. ``"mnist"``, ``"mnist_m"`` or ``"embedded_digits/mnist_m"``.
-      split: tfds split spec, e.g. ``"train"`` or ``"test[:10%]"``.
+      name: tfds name, e.g. ``"mnist"``, ``"mnist_m"`` or ``"embedded_digits/mnist_m"``, or
+        ``"folder:<path>"`` (read with the options of `tljax.data.folders.reading`).
+      split: tfds split spec, e.g. ``"train"`` or ``"test[:10%]"``; 'train', 'test' or 'all'
+        for a folder.
       data_dir: a directory of exported splits (``python -m tljax.data.export``) or a tfds data
         directory; None means tfds's default (``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
 
     Returns:
-      ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``.
+      ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``; a streamed folder's images are
+      a `tljax.data.folders.FolderImages` standing for that array.
 
     Raises:
       DatasetUnavailableError: if the split is not exported in ``data_dir`` and tfds does not
         know the dataset, cannot prepare it here, or is not installed.
       tljax.validate.DataError: the split is empty or is not labelled (N, H, W, C) images.
     """
+    if folders.is_folder(name):
+        return validate.checked_split(
+            folders.load(name, split), f"Dataset '{name}' split '{split}'"
+        )
     if data_dir is not None:
         arrays = exported.load_saved_split(data_dir, name, split)
         if arrays is not None:

@@ -3,11 +3,14 @@
 A batch is a pure function of (seed, stream, step): epoch permutations are
 derived from the seed, so a resumed run sees exactly the batches an
 uninterrupted run would have seen, and every host computes the same global
-batch and keeps its own rows (see `tljax.parallel.process_rows`).
+batch and keeps its own rows (see `tljax.parallel.process_rows`). Arrays held
+in memory are gathered in a prefetch thread; folder images are decoded and
+augmented by Grain worker processes (`tljax.data.streaming`), each host reading
+only the files of its own rows. `iterator_state` is what a checkpoint stores of
+the pipeline, and `check_resume` compares it on resume.
 """
 
 import dataclasses
-import functools
 import queue
 import threading
 from collections.abc import Iterator
@@ -15,6 +18,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from tljax import parallel
+from tljax.data import streaming
+from tljax.data.folders import FolderImages
+from tljax.data.streaming import stream_indices
+from tljax.validate import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,35 +46,11 @@ class Stream:
         return len(next(iter(self.arrays.values())))
 
 
-@functools.lru_cache(maxsize=8)
-def _epoch_permutation(seed: int, stream_id: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng([seed, stream_id, epoch]).permutation(n)
-
-
-def stream_indices(seed: int, stream_id: int, step: int, batch_size: int, n: int) -> np.ndarray:
-    """Example indices of `step`'s batch: consecutive reads of per-epoch shuffles.
-
-    Args:
-      seed: run seed.
-      stream_id: distinguishes streams of the same run.
-      step: training step.
-      batch_size: global rows per step.
-      n: examples in the split.
-
-    Returns:
-      int array [batch_size] of indices into the split.
-    """
-    positions = np.arange(step * batch_size, (step + 1) * batch_size)
-    epochs, offsets = np.divmod(positions, n)
-    out = np.empty(batch_size, np.int64)
-    for epoch in np.unique(epochs):
-        sel = epochs == epoch
-        out[sel] = _epoch_permutation(seed, stream_id, int(epoch), n)[offsets[sel]]
-    return out
-
-
 def host_batch(streams: tuple[Stream, ...], seed: int, step: int) -> dict[str, np.ndarray]:
     """This process's rows of the global training batch for `step`.
+
+    Folder images are decoded and augmented here, in the calling thread (`train_batches`
+    decodes them in worker processes instead).
 
     Args:
       streams: the batch layout.
@@ -77,13 +60,109 @@ def host_batch(streams: tuple[Stream, ...], seed: int, step: int) -> dict[str, n
     Returns:
       Dict '<stream>_<key>' -> numpy rows for this process.
     """
+    batch = _in_memory_rows(streams, seed, step)
+    for part in streamed_parts(streams):
+        batch[part.key] = part.rows(seed, step)
+    return {f"{s.name}_{k}": batch[f"{s.name}_{k}"] for s in streams for k in s.keys}
+
+
+def _in_memory_rows(streams, seed: int, step: int) -> dict[str, np.ndarray]:
     batch = {}
     for stream_id, stream in enumerate(streams):
         idx = stream_indices(seed, stream_id, step, stream.batch_size, stream.num_examples)
         idx = idx[parallel.process_rows(stream.batch_size)]
         for key in stream.keys:
-            batch[f"{stream.name}_{key}"] = stream.arrays[key][idx]
+            if not isinstance(stream.arrays[key], FolderImages):
+                batch[f"{stream.name}_{key}"] = stream.arrays[key][idx]
     return batch
+
+
+def streamed_parts(streams: tuple[Stream, ...]) -> tuple[streaming.StreamedImages, ...]:
+    """The batch entries that are folder images, decoded from files at every step."""
+    return tuple(
+        streaming.StreamedImages(
+            f"{stream.name}_{key}",
+            stream.arrays[key],
+            stream_id,
+            stream.batch_size,
+            parallel.process_rows(stream.batch_size),
+        )
+        for stream_id, stream in enumerate(streams)
+        for key in stream.keys
+        if isinstance(stream.arrays[key], FolderImages)
+    )
+
+
+def iterator_state(streams: tuple[Stream, ...], seed: int, next_step: int) -> dict:
+    """The input pipeline's whole state after ``next_step - 1``: saved with each checkpoint.
+
+    Batches are a pure function of (seed, stream, step) and the examples each stream reads, so
+    this is the next step, the seed, and what each stream reads: its size, and for a folder the
+    fingerprint of its file list (files added or removed change the batches).
+
+    Args:
+      streams: the batch layout.
+      seed: run seed.
+      next_step: the step the pipeline produces next.
+
+    Returns:
+      A JSON-serialisable dict.
+    """
+    return {
+        "next_step": int(next_step),
+        "seed": int(seed),
+        "streams": [_stream_state(stream) for stream in streams],
+    }
+
+
+def _stream_state(stream: Stream) -> dict:
+    state = {"name": stream.name, "examples": stream.num_examples}
+    for key in stream.keys:
+        if isinstance(stream.arrays[key], FolderImages):
+            files = stream.arrays[key].files
+            state[key] = {"files": files.where, "fingerprint": files.fingerprint}
+    return state
+
+
+def check_resume(saved: dict | None, streams: tuple[Stream, ...], seed: int, step: int) -> None:
+    """Raises DataError when a resumed run would not see the batches it would have seen.
+
+    Args:
+      saved: `iterator_state` stored with the checkpoint restored at ``step`` (None for a
+        checkpoint written before states were stored: nothing to compare).
+      streams: this launch's batch layout.
+      seed: this launch's seed.
+      step: the restored step.
+
+    Raises:
+      tljax.validate.DataError: naming what changed since the checkpoint.
+    """
+    if saved is None:
+        return
+    now = iterator_state(streams, seed, step)
+    if saved == now:
+        return
+    changes = [
+        f"{key}: {saved.get(key)!r} then, {now[key]!r} now"
+        for key in ("next_step", "seed")
+        if saved.get(key) != now[key]
+    ]
+    for before, after in zip(saved.get("streams", []), now["streams"], strict=False):
+        if before != after:
+            changes.append(
+                f"stream {after['name']!r} read {_describe(before)} then, {_describe(after)} now"
+            )
+    raise DataError(
+        f"The training data changed since the checkpoint of step {step} ({'; '.join(changes)}): "
+        "the resumed run would not see the batches an uninterrupted run would. Restore the "
+        "data, or start the run in a new workdir."
+    )
+
+
+def _describe(state: dict) -> str:
+    files = [value for value in state.values() if isinstance(value, dict)]
+    text = f"{state.get('examples')} examples"
+    return text + "".join(f" ({f['files']}, list {f['fingerprint'][:12]})" for f in files)
 
 
 def train_batches(streams, seed: int, start_step: int, mesh, prefetch: int = 2) -> Iterator[dict]:
@@ -100,16 +179,31 @@ def train_batches(streams, seed: int, start_step: int, mesh, prefetch: int = 2) 
       An iterator of dicts of sharded `jax.Array`s.
     """
 
-    def produce(step):
-        return parallel.global_batch(host_batch(streams, seed, step), mesh)
+    parts = streamed_parts(streams)
+    if not parts:
+        return _prefetch(
+            lambda step: parallel.global_batch(host_batch(streams, seed, step), mesh),
+            start_step,
+            prefetch,
+        )
+    workers = max(part.images.options.workers for part in parts)
+    decoded = streaming.train_rows(parts, seed, start_step, workers)
 
-    return _prefetch(produce, start_step, prefetch)
+    def produce(step):
+        decoded_step, batch = next(decoded)
+        if decoded_step != step:  # The workers' order is Grain's promise; a break is a bug.
+            raise RuntimeError(f"Input pipeline out of step: got {decoded_step}, wanted {step}.")
+        batch |= _in_memory_rows(streams, seed, step)
+        ordered = {f"{s.name}_{k}": batch[f"{s.name}_{k}"] for s in streams for k in s.keys}
+        return parallel.global_batch(ordered, mesh)
+
+    return _prefetch(produce, start_step, prefetch, on_close=decoded.close)
 
 
 _JOIN_TIMEOUT_S = 30.0
 
 
-def _prefetch(produce, start_step: int, size: int) -> Iterator:
+def _prefetch(produce, start_step: int, size: int, on_close=None) -> Iterator:
     # A daemon thread overlaps host-side gathering and transfer with device compute;
     # closing the generator stops it, so finished runs leave no thread behind.
     buffer: queue.Queue = queue.Queue(maxsize=size)
@@ -145,6 +239,8 @@ def _prefetch(produce, start_step: int, size: int) -> Iterator:
         # Wait for the batch in progress: a daemon thread killed inside a JAX/TF call at
         # interpreter exit aborts the process (SIGABRT after the run's results were written).
         thread.join(timeout=_JOIN_TIMEOUT_S)
+        if on_close is not None:
+            on_close()
 
 
 def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, mesh) -> Iterator[dict]:
@@ -160,10 +256,30 @@ def eval_batches(arrays: dict[str, np.ndarray], batch_size: int, mesh) -> Iterat
     """
     n = len(next(iter(arrays.values())))
     rows = parallel.process_rows(batch_size)
-    for start in range(0, n, batch_size):
-        idx = np.arange(start, start + batch_size)
-        mask = (idx < n).astype(np.float32)
-        idx = np.minimum(idx, n - 1)
-        batch = {key: value[idx] for key, value in arrays.items()}
-        batch["mask"] = mask
-        yield parallel.global_batch({k: v[rows] for k, v in batch.items()}, mesh)
+    arrays = {key: _held(value) for key, value in arrays.items()}
+    streamed = {k: v for k, v in arrays.items() if isinstance(v, FolderImages)}
+    decoded = {
+        key: streaming.eval_rows(images, batch_size, rows, images.options.workers)
+        for key, images in streamed.items()
+    }
+    try:
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, start + batch_size)
+            mask = (idx < n).astype(np.float32)
+            idx = np.minimum(idx, n - 1)
+            batch = {key: value[idx] for key, value in arrays.items() if key not in streamed}
+            batch["mask"] = mask
+            batch = {k: v[rows] for k, v in batch.items()}
+            batch |= {key: next(rows_of) for key, rows_of in decoded.items()}
+            yield parallel.global_batch(batch, mesh)
+    finally:
+        for rows_of in decoded.values():
+            rows_of.close()
+
+
+def _held(value):
+    # Folder images small enough are decoded once and evaluated from memory afterwards.
+    if isinstance(value, FolderImages):
+        decoded = value.eval_array()
+        return value if decoded is None else decoded
+    return value

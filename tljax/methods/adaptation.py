@@ -30,6 +30,7 @@ import optax
 
 from tljax import data, models, optim, validators
 from tljax.collapse import Classifier
+from tljax.data import folders
 from tljax.data.pipeline import Stream
 from tljax.methods import Method, classification_sums, image_model_fns
 from tljax.models.digits import MLPHead
@@ -342,6 +343,9 @@ def _load(config, name: str, split: str):
 
 
 def _streams_and_eval_sets(config, with_target: bool):
+    folders.check_domains_match(
+        {"data.source": config.data.source, "data.target": config.data.target}
+    )
     streams = [
         Stream("source", _load(config, config.data.source, "train"), config.train.batch_size)
     ]
