@@ -546,7 +546,7 @@ class FolderImages:
         if isinstance(index, (int, np.integer)):
             return self.read(np.asarray([index]))[0]
         rows = np.arange(len(self))[index]
-        return FolderImages(self.files.take(rows), self.options)
+        return type(self)(self.files.take(rows), self.options)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         del copy  # Always a new array.
