@@ -215,3 +215,22 @@ def test_cli_missing_workdir_is_one_error_line_and_status_2(tmp_path):
     assert proc.returncode == 2
     expected = f"Error: WORKDIR {missing!r} does not exist: expected a run's or sweep's workdir."
     assert proc.stderr == expected + "\n"
+
+
+def test_a_relaunch_that_retrains_a_selected_step_replaces_its_checkpoint(tmp_path):
+    import jax.numpy as jnp
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    from tljax import selection
+
+    # A launch that died after saving selected/4 but before its next regular checkpoint.
+    first = selection.BestCheckpoint(str(tmp_path), "im", [])
+    assert first.consider(4, {"validator/im": 0.5}, {"w": jnp.zeros(2)})
+    first.wait_until_finished()
+
+    again = selection.BestCheckpoint(str(tmp_path), "im", [])
+    assert again.consider(4, {"validator/im": 0.4}, {"w": jnp.ones(2)})
+    again.wait_until_finished()
+    restored = ocp.CheckpointManager(tmp_path / "selected").restore(4)
+    np.testing.assert_array_equal(restored["w"], [1.0, 1.0])

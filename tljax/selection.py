@@ -111,6 +111,10 @@ class BestCheckpoint:
         if self._best is not None and score <= self._best:
             return False
         self._best = score
+        if step in self._manager.all_steps():
+            # Saved by a launch that died before its next regular checkpoint; this launch
+            # retrained from an earlier one, so the old save is not this state.
+            self._manager.delete(step)
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
         return True
 

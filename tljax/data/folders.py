@@ -680,12 +680,22 @@ def load(name: str, split: str) -> dict[str, object]:
             f"Dataset {name!r}: folder datasets are read at the model's size, and this config "
             "has no model.image_size."
         )
-    return dict(_load_cached(name, split, options))
-
-
-@functools.lru_cache(maxsize=16)
-def _load_cached(name: str, split: str, options: FolderOptions) -> dict[str, object]:
     files = split_files(name, split, options)
+    key = (files.where, files.fingerprint, options)
+    if key not in _LOADED:
+        while len(_LOADED) >= _LOADED_KEPT:
+            _LOADED.pop(next(iter(_LOADED)))
+        _LOADED[key] = _arrays(files, options)
+    return dict(_LOADED[key])
+
+
+# Splits loaded in this process, by (name and split, file list, options): a method that reads
+# the same split twice (training stream and validation sample) decodes it once.
+_LOADED: dict[tuple, dict[str, object]] = {}
+_LOADED_KEPT = 16
+
+
+def _arrays(files: ImageFiles, options: FolderOptions) -> dict[str, object]:
     images = FolderImages(files, options)
     decoded_mb = images.decoded_mb
     in_memory = not options.augment and decoded_mb <= options.in_memory_mb
