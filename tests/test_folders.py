@@ -370,3 +370,23 @@ def test_resuming_on_changed_files_stops_before_training(two_domains, tmp_path):
     Image.new("RGB", (8, 8)).save(two_domains / "a" / "3" / "99.png")
     with pytest.raises(DataError, match="training data changed since the checkpoint of step 3"):
         train.train_and_evaluate(config, workdir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment", ["pretrain", "multitask"])
+def test_classification_and_multitask_runs_read_folders(
+    experiment, two_domains, data_dir, tmp_path
+):
+    from configs import multitask, pretrain
+
+    if experiment == "pretrain":
+        config = shrink(pretrain.get_config(), data_dir, steps=2, batch_size=8, eval_batch_size=16)
+        config.data.train = f"folder:{two_domains}/a"
+        config.data.shots_per_class = 2
+        config.data.eval_sets = {"a": f"folder:{two_domains}/a", "b": f"folder:{two_domains}/b"}
+    else:
+        config = shrink(multitask.get_config(), data_dir, steps=2, batch_size=8, eval_batch_size=16)
+        config.tasks.mnist.dataset = f"folder:{two_domains}/a"
+    config.data.folder.update(augment="flip", workers=1)
+    results = train.train_and_evaluate(config, str(tmp_path / experiment))
+    assert results["steps"] == 2 and all(np.isfinite(v) for v in results["final"].values())

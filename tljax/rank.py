@@ -136,7 +136,7 @@ def load_target(
     """The labelled target examples: a split, or ``shots`` per class drawn from it.
 
     Args:
-      name: tfds name or exported name (``<data_dir>/<name>/<split>.npz``).
+      name: tfds name, ``folder:<path>`` or exported name (``<data_dir>/<name>/<split>.npz``).
       split: split spec.
       data_dir: exported splits or tfds data directory; None: tfds's default.
       shots: examples per class (`tljax.data.subsets.per_class_subset`), or None for all.
@@ -157,12 +157,13 @@ def load_target(
         arrays = data.load_split(name, split, data_dir)
     except (data.DatasetUnavailableError, ValueError) as error:
         raise RankInputError(f"--target={name} split {split!r} cannot be loaded: {error}") from None
-    if shots is None:
-        return arrays
-    try:
-        return per_class_subset(arrays, shots, shots_seed)
-    except ValueError as error:
-        raise RankInputError(f"--target={name} --shots={shots}: {error}") from None
+    if shots is not None:
+        try:
+            arrays = per_class_subset(arrays, shots, shots_seed)
+        except ValueError as error:
+            raise RankInputError(f"--target={name} --shots={shots}: {error}") from None
+    # Folder images are decoded here, once (the scores run over them several times).
+    return {key: np.asarray(value) for key, value in arrays.items()}
 
 
 def check_images(candidate: Candidate, images: np.ndarray) -> None:
@@ -439,7 +440,11 @@ def main(argv):
 
         run_log.quiet_library_logs()
     candidates = [check_candidate(path) for path in args.candidates]
-    target = load_target(args.target, args.split, args.data_dir, args.shots, args.shots_seed)
+    from tljax.data import folders
+
+    # A folder target is read at the (first) candidate's image size and channels.
+    with folders.reading(folders.FolderOptions.from_config(candidates[0].config)):
+        target = load_target(args.target, args.split, args.data_dir, args.shots, args.shots_seed)
     rows = rank(candidates, target, scores, args.batch_size)
     shots = f"{args.shots} per class (seed {args.shots_seed})" if args.shots else "all"
     print(
