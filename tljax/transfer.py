@@ -100,7 +100,7 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
         reinit = _patterns(block.get("reinit"))
         if reinit:
             copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
-        pretrained = load_pretrained(init_from, shapes, copied)
+        pretrained = load_pretrained(init_from, shapes, copied, config.model.get("name"))
         # Fail on a missing or mis-shaped leaf now, with every offender listed.
         ptree.check_copy(shapes, pretrained, copied)
     elif _patterns(block.get("reinit")):
@@ -150,15 +150,19 @@ def checkpoint_directory(path: str) -> tuple[str, int]:
 TORCH_SUFFIXES = (".safetensors", ".npz")
 
 
-def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None) -> Params:
-    """Pretrained params as host arrays, from a tljax checkpoint or a PyTorch ResNet file.
+def load_pretrained(
+    path: str, shapes: Params | None = None, copied: Any = None, model_name: str | None = None
+) -> Params:
+    """Pretrained params as host arrays, from a tljax checkpoint or a PyTorch-layout file.
 
     Args:
-      path: see `checkpoint_directory`, or a ``.safetensors`` / ``.npz`` torchvision-layout
-        ResNet state dict.
+      path: see `checkpoint_directory`, or a ``.safetensors`` / ``.npz`` PyTorch-layout state
+        dict of the model's family (`tljax.models.converters`).
       shapes: the model's params shapes (needed to convert a PyTorch file).
       copied: selection of leaves that will be copied; layers with none are not converted
         (e.g. a re-initialised 1000-class head).
+      model_name: ``model.name``, which picks the converter of a PyTorch file (default: a
+        ResNet's).
 
     Returns:
       The params pytree (for a PyTorch file: of ``shapes``' structure).
@@ -169,7 +173,7 @@ def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None)
       tljax.validate.DataError: the PyTorch file cannot be read or does not fit the model.
     """
     if str(path).endswith(TORCH_SUFFIXES):
-        return _convert_torch_file(path, shapes, copied)
+        return _convert_torch_file(path, shapes, copied, model_name or "resnet")
     directory, step = checkpoint_directory(path)
     # Host arrays of the saved shapes: a target without shardings restores a checkpoint saved
     # on any number of devices (Orbax refuses to guess a sharding for another topology).
@@ -182,8 +186,8 @@ def load_pretrained(path: str, shapes: Params | None = None, copied: Any = None)
     return jax.tree.map(np.asarray, state["params"])
 
 
-def _convert_torch_file(path: str, shapes: Params, copied: Any) -> Params:
-    from tljax.models import torch_convert
+def _convert_torch_file(path: str, shapes: Params, copied: Any, model_name: str) -> Params:
+    from tljax.models import converters
 
     if shapes is None:
         raise ValueError("Converting a PyTorch checkpoint needs the model's params shapes.")
@@ -198,11 +202,15 @@ def _convert_torch_file(path: str, shapes: Params, copied: Any) -> Params:
         return shape
 
     template = jax.tree_util.tree_map_with_path(template_leaf, shapes)
+    try:
+        convert, expected = converters.converter_for(model_name)
+    except ValueError as error:
+        raise validate.ConfigError(f"transfer.init_from={os.fspath(path)!r}: {error}") from None
     state_dict = validate.read_state_dict(path)
     try:
-        return torch_convert.convert_resnet(state_dict, template, exclude=sorted(skipped))
+        return convert(state_dict, template, exclude=sorted(skipped))
     except ValueError as error:  # The converter's message lists the problems, not the file.
         raise validate.DataError(
             f"transfer.init_from={os.fspath(path)!r} does not fit this model "
-            f"(expected a torchvision ResNet state_dict for a model.name='resnet*' model): {error}"
+            f"(expected {expected} for model.name={model_name!r}): {error}"
         ) from None
