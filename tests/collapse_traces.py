@@ -1,15 +1,16 @@
-"""Records the train metrics of full-length healthy runs of every config, for test_collapse.py.
+"""Records the train metrics of full-length healthy runs of the digit configs, for test_collapse.py.
 
   python tests/collapse_traces.py --out=tests/data/healthy_train_metrics.json --workdir=/tmp/traces
 
-Runs the default variant of every config in configs/ (and the variants a config needs to run at
-all: finetune and progressive start from the runs before them, self_taught's classifier from
-pixels) for its full number of steps on the embedded data, one after the other, and writes, for
-each run, the metrics the collapse monitor reads at every log step (its classifiers' loss and
-accuracy), the run's status and steps. It also records a forced collapse (DANN with
-dann.domain_weight=10, 300 steps, stop=False so that it runs to the end). The runs go through
-`tljax.train.train_and_evaluate`, monitor included: a false alarm would show as a status other
-than 'ok'. Takes about 7 minutes on 2 CPU cores.
+Runs the default variant of every config in configs/ but the image benchmarks (which read
+folders that are not shipped), and the variants a config needs to run at all (finetune and
+progressive start from the runs before them, self_taught's classifier from pixels), for its full
+number of steps on the embedded data, one after the other, and writes, for each run, the metrics
+the collapse monitor reads at every log step (its classifiers' loss and accuracy), the run's
+status and steps. It also records a forced collapse (DANN with dann.domain_weight=10, 300 steps,
+stop=False so that it runs to the end). The runs go through `tljax.train.train_and_evaluate`,
+monitor included: a false alarm would show as a status other than 'ok'. Takes about 7 minutes on
+2 CPU cores.
 """
 
 import json

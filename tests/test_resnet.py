@@ -467,6 +467,18 @@ def test_template_must_be_resnet_params(narrow_resnet18_state_dict):
         )
 
 
+def test_excluded_heads_beside_the_resnet_are_kept_unread(narrow_resnet18_state_dict):
+    # Domain adaptation adds a discriminator next to the ResNet's own layers.
+    discriminator = {"dense_0": {"kernel": np.ones((64, 4)), "bias": np.ones(4)}}
+    template = {**_concrete(_narrow_resnet18_template()), "domain": discriminator}
+    params = torch_convert.convert_resnet(
+        narrow_resnet18_state_dict, template, exclude=("domain", "head")
+    )
+    np.testing.assert_array_equal(params["domain"]["dense_0"]["kernel"], np.ones((64, 4)))
+    with pytest.raises(ValueError, match="'domain/dense_0' has no torchvision ResNet counterpart"):
+        torch_convert.convert_resnet(narrow_resnet18_state_dict, template, exclude=("head",))
+
+
 # ----------------------------------------------------------------------------------------------
 # Through the trainer: a linear probe on a converted PyTorch checkpoint.
 

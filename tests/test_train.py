@@ -143,7 +143,7 @@ def test_results_split_wall_time_by_phase(tiny_dann_config, tmp_path, monkeypatc
     monkeypatch.setattr(train, "evaluate", slow_evaluate)
     results = train.train_and_evaluate(tiny_dann_config, str(tmp_path))
     timing = results["timing_s"]
-    assert set(timing) == {"setup", "compile", "train", "eval", "checkpoint"}
+    assert set(timing) == {"setup", "compile", "train", "input", "eval", "checkpoint"}
     assert all(seconds >= 0 for seconds in timing.values())
     # Two evaluations (steps 3 and 6) of 0.25 s each are counted as eval, not as training.
     assert timing["eval"] >= 0.5

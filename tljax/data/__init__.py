@@ -41,8 +41,9 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
         directory; None means tfds's default (``~/tensorflow_datasets`` or ``$TFDS_DATA_DIR``).
 
     Returns:
-      ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``; a streamed folder's images are
-      a `tljax.data.folders.FolderImages` standing for that array.
+      ``{"image": uint8 (N, H, W, C), "label": int32 (N,)}``; a streamed folder's images (or
+      array_record split's, `tljax.data.records`) are a `tljax.data.folders.FolderImages`
+      standing for that array.
 
     Raises:
       DatasetUnavailableError: if the split is not exported in ``data_dir`` and tfds does not
@@ -71,7 +72,10 @@ def load_split(name: str, split: str, data_dir: str | None = None) -> dict[str, 
             "`python -m tljax.data.export --config=<your config> --out=DIR`, copy DIR here and "
             "pass it as config.data.data_dir."
         ) from err
-    arrays = loading.load_split(name, split, data_dir)
+    # Prepared as array_record, a split is read from its records (streamed when large).
+    arrays = importlib.import_module("tljax.data.records").load(name, split, data_dir)
+    if arrays is None:
+        arrays = loading.load_split(name, split, data_dir)
     return validate.checked_split(arrays, f"Dataset '{name}' split '{split}'")
 
 

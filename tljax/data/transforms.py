@@ -214,6 +214,20 @@ def train_image(
         image = _random_resized_crop(image, (height, width), rng)
     else:
         image = eval_image(image, (height, width))
+    return flip_and_jitter(image, ops, rng)
+
+
+def flip_and_jitter(image: Image.Image, ops: tuple[str, ...], rng: np.random.Generator):
+    """`train_image`'s steps after the crop: the flip, then the colour jitter, as ``ops`` ask.
+
+    Args:
+      image: an image already of the model's size.
+      ops: augmentation names; only ``flip`` and ``color_jitter`` act here.
+      rng: the source of randomness (drawn in `train_image`'s order).
+
+    Returns:
+      The image, same size.
+    """
     if "flip" in ops and rng.random() < FLIP_PROBABILITY:
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     if "color_jitter" in ops:

@@ -230,7 +230,7 @@ def convert_resnet(
         raise ValueError(
             "params_template has a 'params' key: pass variables['params'], not the variables."
         )
-    layers = _template_layers(params_template)
+    layers = _template_layers(params_template, exclude)
     loaded = [layer for layer in layers if not _is_excluded(layer.module_path, exclude)]
     _check_checkpoint(state_dict, layers, loaded, exclude)
 
@@ -241,13 +241,24 @@ def convert_resnet(
     return traverse_util.unflatten_dict(flat, sep="/")
 
 
-def _template_layers(params_template: Mapping[str, Any]) -> list[_Layer]:
-    """The template's modules (paths of the parents of its leaves), in the template's order."""
+def _template_layers(params_template: Mapping[str, Any], exclude: Sequence[str]) -> list[_Layer]:
+    """The template's modules (paths of the parents of its leaves), in the template's order.
+
+    Excluded modules without a torchvision counterpart (e.g. a domain-adaptation method's
+    discriminator beside the ResNet) are left out: nothing is read for them.
+    """
     modules: dict[str, dict[str, Any]] = {}
     for path, leaf in traverse_util.flatten_dict(params_template, sep="/").items():
         module_path, _, leaf_name = path.rpartition("/")
         modules.setdefault(module_path, {})[leaf_name] = leaf
-    return [_Layer(module_path, leaves) for module_path, leaves in modules.items()]
+    layers = []
+    for module_path, leaves in modules.items():
+        try:
+            layers.append(_Layer(module_path, leaves))
+        except ValueError:
+            if not _is_excluded(module_path, exclude):
+                raise
+    return layers
 
 
 def _is_excluded(module_path: str, exclude: Sequence[str]) -> bool:
