@@ -25,7 +25,9 @@ its examples (``examples/domain_adaptation/image_classification/*.py``, ``*.sh``
   build them from the official lists).
 * Images: TLlib's resize to 256 then ``random_resized_crop,flip`` to 224 for training (VisDA-2017:
   TLlib's ``cen.crop``, the centre crop and ``flip``), the centre crop for evaluation
-  (`tljax.data.transforms`); ResNet-50 on ImageNet statistics.
+  (`tljax.data.transforms`); ResNet-50 on ImageNet statistics by default, or another backbone
+  (``backbone=vit_s16|vit_b16|convnext_t|vgg16``, `BACKBONES`: its transferred layers and its
+  checkpoints' input statistics).
 * SGD (momentum 0.9, Nesterov, weight decay 1e-3), lr 0.01 annealed as
   ``0.01 (1 + 0.001 i)^-0.75`` at iteration ``i`` (the ``dann`` schedule over progress
   ``p = i / train.steps`` with ``lr.alpha`` = 0.001 x the benchmark's steps; a run given fewer
@@ -272,8 +274,16 @@ TASKS = ("da", "finetune")
 # configs/finetune.py's variants that make sense from ImageNet weights to new classes; 'output'
 # distils towards the starting network's predictions, which a freshly drawn head makes noise.
 FINETUNE_VARIANTS = ("scratch", "finetune", "freeze", "copy", "l2sp", "feature")
-# The ResNet's backbone (transferred, trained at BACKBONE_LR_MULT) and its new head.
-BACKBONE = ("stem", "stage*")
+# Per backbone (``backbone=`` variant): the layers transferred from the pretrained checkpoint and
+# trained at BACKBONE_LR_MULT (everything but the new head), and the input statistics its
+# checkpoints expect (timm's ViT checkpoints are AugReg's, on [-1, 1] inputs).
+BACKBONES = {
+    "resnet50": (("stem", "stage*"), "imagenet"),
+    "vit_s16": (("embedding", "encoder"), "inception"),
+    "vit_b16": (("embedding", "encoder"), "inception"),
+    "convnext_t": (("stem", "stage*", "final_norm"), "imagenet"),
+    "vgg16": (("block*", "fc6", "fc7"), "imagenet"),
+}
 BACKBONE_LR_MULT = 0.1
 IMAGE_SIZE = 224
 BATCH_SIZE = 32
@@ -325,7 +335,8 @@ def get_sweep(benchmark: Benchmark, arg: str | None = None) -> list[dict]:
     if values["task"] != "da":
         raise ConfigError("task=finetune has no sweep; the sweep runs the adaptation recipes.")
     keys = ("method", "source", "target", "seeds", "scales")
-    return da.get_sweep(",".join(f"{key}={values[key]}" for key in keys))
+    points = da.get_sweep(",".join(f"{key}={values[key]}" for key in keys))
+    return [{**point, "arg": f"{point['arg']},backbone={values['backbone']}"} for point in points]
 
 
 def _parse(benchmark: Benchmark, arg: str | None, method: str = "recommended") -> dict:
@@ -342,7 +353,10 @@ def _parse(benchmark: Benchmark, arg: str | None, method: str = "recommended") -
         variant="finetune",
         shots=3,
         layers=2,
+        backbone="resnet50",
     )
+    if values["backbone"] not in BACKBONES:
+        raise ConfigError(f"backbone={values['backbone']!r}; choose one of {', '.join(BACKBONES)}.")
     if values["task"] not in TASKS:
         raise ConfigError(f"task={values['task']!r}; choose one of {', '.join(TASKS)}.")
     other = _FINETUNE_KEYS if values["task"] == "da" else _DA_KEYS
@@ -367,7 +381,7 @@ def _da_config(benchmark: Benchmark, values: dict) -> ml_collections.ConfigDict:
     config.data.target = benchmark.dataset(values["target"])
     config.data.eval_split = benchmark.eval_split
     _add_folder_fields(config, augment=benchmark.augment, split=benchmark.split)
-    config.model = model_block(benchmark.num_classes)
+    config.model = model_block(benchmark.num_classes, values["backbone"])
     config.da.discriminator_widths = HEAD_WIDTHS
     config.da.auxiliary_widths = HEAD_WIDTHS
     if config.method == "shot":
@@ -385,8 +399,9 @@ def _da_config(benchmark: Benchmark, values: dict) -> ml_collections.ConfigDict:
     config.eval.every = EVAL_EVERY
     config.eval.batch_size = 256
     config.checkpoint.every = EVAL_EVERY
+    backbone = BACKBONES[values["backbone"]][0]
     config.transfer = transfer_block(
-        copy=BACKBONE, lr_mults={pattern: BACKBONE_LR_MULT for pattern in BACKBONE}
+        copy=backbone, lr_mults={pattern: BACKBONE_LR_MULT for pattern in backbone}
     )
     return config
 
@@ -409,15 +424,17 @@ def _finetune_config(benchmark: Benchmark, values: dict) -> ml_collections.Confi
     _add_folder_fields(
         config, augment=benchmark.augment, split="auto", test_fraction=FINETUNE_TEST_FRACTION
     )
-    config.model = model_block(benchmark.num_classes)
+    config.model = model_block(benchmark.num_classes, values["backbone"])
     config.optimizer.weight_decay = FINETUNE_WEIGHT_DECAY
     config.transfer.init_from = None
+    backbone = BACKBONES[values["backbone"]][0]
     if variant == "scratch":
-        config.model.norm = "group"
+        if values["backbone"] == "resnet50":
+            config.model.norm = "group"  # Frozen affine layers normalise nothing from scratch.
     else:
         if tuple(config.transfer.copy) == ("*",):
-            config.transfer.copy = BACKBONE  # The head has the benchmark's classes: new.
-        config.transfer.lr_mults = {pattern: BACKBONE_LR_MULT for pattern in BACKBONE}
+            config.transfer.copy = backbone  # The head has the benchmark's classes: new.
+        config.transfer.lr_mults = {pattern: BACKBONE_LR_MULT for pattern in backbone}
     return config
 
 
@@ -426,27 +443,31 @@ def _add_folder_fields(config: ml_collections.ConfigDict, **folder_fields) -> No
     config.data.folder = folders.config_block(**folder_fields)
 
 
-def model_block(num_classes: int) -> ml_collections.ConfigDict:
-    """The ``model`` block: torchvision's ResNet-50 at 224x224 on ImageNet statistics.
+def model_block(num_classes: int, backbone: str = "resnet50") -> ml_collections.ConfigDict:
+    """The ``model`` block: a backbone of `BACKBONES` at 224x224 on its checkpoints' statistics.
 
     Args:
       num_classes: outputs of the head.
+      backbone: a key of `BACKBONES` (default torchvision's ResNet-50).
 
     Returns:
-      The block (``norm='affine'``: the frozen BatchNorm a converted checkpoint fills).
+      The block (ResNet-50: ``norm='affine'``, the frozen BatchNorm a converted checkpoint
+      fills).
     """
-    return ml_collections.ConfigDict(
+    block = ml_collections.ConfigDict(
         dict(
-            name="resnet50",
+            name=backbone,
             num_classes=num_classes,
             image_size=(IMAGE_SIZE, IMAGE_SIZE),
             channels=3,
-            width=64,
-            norm="affine",
-            normalize="imagenet",
+            normalize=BACKBONES[backbone][1],
             conv_impl="auto",
             conv_operands="float32",
             dtype="float32",
             microbatch="auto",
         )
     )
+    if backbone == "resnet50":
+        block.width = 64
+        block.norm = "affine"
+    return block

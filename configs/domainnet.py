@@ -19,6 +19,8 @@ from random weights (then add ``--config.model.norm=group``).
 
 Variants (after ':', comma separated):
   task=da (default) | finetune
+  backbone=         resnet50 (default), vit_s16, vit_b16, convnext_t, vgg16 (BUILD.md
+                    "Pretrained backbones"; transfer.init_from a converted checkpoint of it).
   source=, target=  clipart, infograph, painting, quickdraw, real, sketch (or TLlib's c, i, p,
                     q, r, s); default clipart -> painting.
   method=NAME       a recipe of configs/da.py (default recommended); scale=, seed=, and with

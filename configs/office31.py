@@ -17,6 +17,8 @@ without it the network starts from random weights (then add ``--config.model.nor
 
 Variants (after ':', comma separated):
   task=da (default) | finetune
+  backbone=         resnet50 (default), vit_s16, vit_b16, convnext_t, vgg16 (BUILD.md
+                    "Pretrained backbones"; transfer.init_from a converted checkpoint of it).
   source=, target=  amazon, dslr, webcam (or TLlib's A, D, W); default amazon -> webcam.
   method=NAME       a recipe of configs/da.py (dann, cdan, mdd, mcc, ...; default recommended);
                     scale=, seed=, and with --sweep method=all (default), seeds=, scales=.

@@ -19,6 +19,8 @@ ResNet-50 (BUILD.md "Pretrained ResNets"): without it the network starts from ra
 
 Variants (after ':', comma separated):
   task=da (default) | finetune
+  backbone=         resnet50 (default), vit_s16, vit_b16, convnext_t, vgg16 (BUILD.md
+                    "Pretrained backbones"; transfer.init_from a converted checkpoint of it).
   source=, target=  Art, Clipart, Product, Real_World (or TLlib's Ar, Cl, Pr, Rw); default
                     Art -> Clipart.
   method=NAME       a recipe of configs/da.py (default recommended); scale=, seed=, and with

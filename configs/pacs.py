@@ -16,6 +16,8 @@ without it the network starts from random weights (then add ``--config.model.nor
 
 Variants (after ':', comma separated):
   task=da (default) | finetune
+  backbone=         resnet50 (default), vit_s16, vit_b16, convnext_t, vgg16 (BUILD.md
+                    "Pretrained backbones"; transfer.init_from a converted checkpoint of it).
   source=, target=  art_painting, cartoon, photo, sketch (or TLlib's A, C, P, S); default
                     photo -> art_painting.
   method=NAME       a recipe of configs/da.py (default recommended); scale=, seed=, and with

@@ -19,6 +19,8 @@ class folders are ignored). ``transfer.init_from`` is a converted torchvision Re
 
 Variants (after ':', comma separated):
   task=da (default) | finetune
+  backbone=         resnet50 (default), vit_s16, vit_b16, convnext_t, vgg16 (BUILD.md
+                    "Pretrained backbones"; transfer.init_from a converted checkpoint of it).
   source=, target=  train, validation (or TLlib's Synthetic, Real); default train -> validation.
   method=NAME       a recipe of configs/da.py (default recommended); scale=, seed=, and with
                     --sweep method=all (default), seeds=, scales=.

@@ -33,7 +33,14 @@ def to_float_images(images: jax.Array, channels: int = 3, dtype=jnp.float32) -> 
 # torchvision's ImageNet statistics: what converted ImageNet ResNets expect their inputs to have.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZATIONS = {"none": None, "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+# Inception-style [-1, 1] inputs: what big_vision's and timm's AugReg ViT checkpoints expect.
+INCEPTION_MEAN = (0.5, 0.5, 0.5)
+INCEPTION_STD = (0.5, 0.5, 0.5)
+NORMALIZATIONS = {
+    "none": None,
+    "imagenet": (IMAGENET_MEAN, IMAGENET_STD),
+    "inception": (INCEPTION_MEAN, INCEPTION_STD),
+}
 
 
 def normalize(images: jax.Array, name: str) -> jax.Array:

@@ -7,11 +7,12 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tljax import ops
+from tljax.models import convnext, vgg, vit
 from tljax.models.convnet import ConvNet8
 from tljax.models.digits import DigitNet
 from tljax.models.resnet import RESNETS
 
-CLASSIFIERS = ("digits", "convnet8", *RESNETS)
+CLASSIFIERS = ("digits", "convnet8", *RESNETS, *convnext.CONVNEXTS, *vgg.VGGS, *vit.VITS)
 
 
 def make_classifier(
@@ -52,6 +53,14 @@ def make_classifier(
     )
     if name == "convnet8":
         return ConvNet8(**common)
+    if name in vit.VITS:  # model.name='vit' takes its size from a model.vit block (tests).
+        return vit.vit_from_config(
+            model_config, num_classes=common["num_classes"], dtype=common["dtype"]
+        )
+    if name in convnext.CONVNEXTS:  # model.depths / model.dims shrink it (tests).
+        return convnext.from_config(model_config, **common)
+    if name in vgg.VGGS:  # model.blocks / model.hidden shrink it (tests).
+        return vgg.from_config(model_config, **common)
     if name in RESNETS:
         return RESNETS[name](
             width=model_config.get("width", 64), norm=model_config.get("norm", "affine"), **common

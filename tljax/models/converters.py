@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tljax.models import torch_convert
+from tljax.models import convnext_convert, torch_convert, vgg_convert, vit_convert
 
 # model.name prefix -> (converter, what the file must hold, for messages).
 CONVERTERS: dict[str, tuple[Callable[..., Any], str]] = {
     "resnet": (torch_convert.convert_resnet, "a torchvision ResNet state_dict"),
+    "convnext": (convnext_convert.convert_convnext, "a timm ConvNeXt state_dict"),
+    "vgg": (vgg_convert.convert_vgg, "a torchvision VGG state_dict"),
+    "vit": (vit_convert.convert_vit, "a timm ViT state_dict or a big_vision / AugReg ViT .npz"),
 }
 
 
