@@ -346,6 +346,27 @@ def test_every_recipe_builds_on_the_resnet(benchmark_roots):
         assert loss.shape == () and "class_loss" in metrics, recipe
 
 
+@pytest.mark.parametrize("backbone", ["vit_s16", "convnext_t", "vgg16"])
+@pytest.mark.parametrize("task", ["da", "finetune"])
+def test_every_backbone_transfers_all_but_its_head(backbone, task, benchmark_roots):
+    """backbone= sets the model, its statistics and the transferred layers (0.1x lr)."""
+    from configs import _image_benchmarks, office31
+
+    shots = ",shots=1" if task == "finetune" else ""
+    config = office31.get_config(f"task={task},backbone={backbone}{shots}")
+    assert config.model.name == backbone
+    assert config.model.normalize == _image_benchmarks.BACKBONES[backbone][1]
+    config.data.root = benchmark_roots["office31"]
+    config.data.folder.workers = 0
+    config.model.image_size = (32, 32)
+    method = build(config)
+    plan = transfer.make_plan(config, method.init_params, jax.random.key(0))
+    labels = dict(zip(*_leaf_paths(plan.labels), strict=True))
+    assert {label for path, label in labels.items() if path.startswith("head/")} == {"trained"}
+    body = {label for path, label in labels.items() if not path.startswith(("head/", "domain/"))}
+    assert body == {"lr_x0.1"}
+
+
 def _leaf_paths(tree):
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return ["/".join(k.key for k in path) for path, _ in flat], [leaf for _, leaf in flat]
