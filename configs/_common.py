@@ -91,7 +91,9 @@ def transfer_block(init_from: str | None = None, **fields) -> ml_collections.Con
       **fields: copy / reinit / freeze / lr_mults to set (defaults: copy all, nothing else).
 
     Returns:
-      The block, with ``init_from`` typed as an optional string so flags can set it.
+      The block, with ``init_from``, ``layer_decay`` (e.g. 0.75) and ``preset`` ('bitfit',
+      'head_only') typed as optional values so flags can set them; ``lora``, ``layer_groups``
+      and ``head`` are set in a config file (tljax/transfer.py).
     """
     block = dict(copy=("*",), reinit=(), freeze=(), lr_mults={})
     unknown = set(fields) - set(block)
@@ -99,7 +101,12 @@ def transfer_block(init_from: str | None = None, **fields) -> ml_collections.Con
         raise ValueError(f"Unknown transfer field(s) {sorted(unknown)}; use {sorted(block)}.")
     block |= fields
     return ml_collections.ConfigDict(
-        dict(init_from=FieldReference(init_from, field_type=str), **block)
+        dict(
+            init_from=FieldReference(init_from, field_type=str),
+            layer_decay=FieldReference(None, field_type=float),
+            preset=FieldReference(None, field_type=str),
+            **block,
+        )
     )
 
 

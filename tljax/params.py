@@ -12,6 +12,10 @@ pytree of the params' structure, built from patterns:
   thing for every network; ``first:N@feature`` counts only layers under ``feature``.
 
 A pattern that selects nothing is an error: a typo must never silently transfer nothing.
+
+Learning rates per leaf are optimizer groups (`lr_labels`, `partition_optimizer`); layer-wise
+decay (`layer_decay_mults`) is BEiT's (Bao et al. 2021, microsoft/unilm ``beit/optim_factory.py``)
+as MAE ships it (facebookresearch/mae ``util/lr_decay.py``), over pattern-defined layer groups.
 """
 
 from __future__ import annotations
@@ -137,17 +141,23 @@ def select(params: Params, patterns: str | Iterable[str], layers: Sequence[str] 
     paths = leaf_paths(params)
     chosen = set()
     for pattern in patterns:
-        layer_set = None
-        if pattern.startswith(("first:", "last:")):
-            if layers is None:
-                raise ValueError(f"Pattern {pattern!r} needs the network's layer order.")
-            layer_set = _layer_pattern(pattern, layers)
-        hits = {p for p in paths if _matches(pattern, p, layer_set)}
-        if not hits and not (layer_set is not None and not layer_set):
+        hits, asked_for_none = _hits(pattern, paths, layers)
+        if not hits and not asked_for_none:
             layer_list = sorted({layer_of(p) for p in paths})
             raise ValueError(f"Pattern {pattern!r} matches no parameter. Layers: {layer_list}.")
         chosen |= hits
     return jax.tree_util.tree_map_with_path(lambda kp, _: path_of(kp) in chosen, params)
+
+
+def _hits(pattern: str, paths: Sequence[str], layers: Sequence[str] | None) -> tuple[set, bool]:
+    """(paths ``pattern`` matches, whether it asked for no layers at all, as ``first:0`` does)."""
+    layer_set = None
+    if pattern.startswith(("first:", "last:")):
+        if layers is None:
+            raise ValueError(f"Pattern {pattern!r} needs the network's layer order.")
+        layer_set = _layer_pattern(pattern, layers)
+    hits = {p for p in paths if _matches(pattern, p, layer_set)}
+    return hits, layer_set is not None and not layer_set
 
 
 def mask_and(a: Mask, b: Mask) -> Mask:
@@ -231,7 +241,31 @@ def copy_params(target: Params, source: Params, mask: Mask) -> Params:
     return jax.tree_util.tree_map_with_path(pick, target, mask)
 
 
-def lr_labels(params: Params, frozen: Mask, lr_mults: Mapping[str, float], layers=None) -> Params:
+def lr_label(mult: float) -> str:
+    """The optimizer group label of a learning-rate multiplier: ``'trained'`` or ``'lr_x<m>'``.
+
+    Args:
+      mult: the multiplier.
+
+    Returns:
+      ``'trained'`` for 1, else ``'lr_x'`` and the multiplier, short (``lr_x0.1``) when that
+      reads back as the same float and ``repr`` otherwise: `partition_optimizer` scales by the
+      number in the label, so it must be exact (layer decay's 0.75**12, for one).
+    """
+    mult = float(mult)
+    if mult == 1.0:
+        return TRAINED
+    short = f"{mult:g}"
+    return f"lr_x{short if float(short) == mult else repr(mult)}"
+
+
+def lr_labels(
+    params: Params,
+    frozen: Mask,
+    lr_mults: Mapping[str, float],
+    layers=None,
+    base_mults: Params | None = None,
+) -> Params:
     """Optimizer group label of every leaf: ``'frozen'``, ``'trained'`` or ``'lr_x<mult>'``.
 
     Args:
@@ -239,18 +273,153 @@ def lr_labels(params: Params, frozen: Mask, lr_mults: Mapping[str, float], layer
       frozen: selection of frozen leaves.
       lr_mults: pattern -> learning-rate multiplier; a later pattern wins over an earlier one.
       layers: forward layer order, for ``first:``/``last:`` patterns.
+      base_mults: optional pytree of the params' structure holding a multiplier per leaf (e.g.
+        `layer_decay_mults`); a leaf's ``lr_mults`` multiplier multiplies it.
 
     Returns:
       A pytree of strings of the params' structure.
     """
-    labels = jax.tree.map(lambda f: FROZEN if f else TRAINED, frozen)
+    if base_mults is None:
+        base = jax.tree.map(lambda _: 1.0, frozen)
+    else:
+        base = jax.tree.map(float, base_mults)
+    mults = base
     for pattern, mult in lr_mults.items():
         chosen = select(params, pattern, layers)
-        label = TRAINED if float(mult) == 1.0 else f"lr_x{float(mult):g}"
-        labels = jax.tree.map(
-            lambda old, c, lab=label: lab if c and old != FROZEN else old, labels, chosen
+        mults = jax.tree.map(
+            lambda old, c, b, m=float(mult): b * m if c else old, mults, chosen, base
         )
-    return labels
+    return jax.tree.map(lambda f, m: FROZEN if f else lr_label(m), frozen, mults)
+
+
+def default_layer_groups(layers: Sequence[str]) -> list[list[str]]:
+    """The layer-decay groups of a network, from its layers in forward order.
+
+    A group is a *numbered module*, the path up to the first component that ends in a number
+    (``encoder/block3``, ``stage2``, ``feature/conv_0``), or a run of consecutive layers
+    without a number (``stem``; a ViT's class token, position and patch embeddings; its final
+    norm and head). So a ViT gives BEiT's groups (embeddings, each block, norm + head), a
+    ResNet ``stem, stage1 .. stage4, head`` and the digit network one group per layer.
+
+    Args:
+      layers: layer paths in forward order (`layer_order`).
+
+    Returns:
+      The groups, in forward order, each a list of layer paths.
+    """
+    groups: list[list[str]] = []
+    position: dict[str, int] = {}
+    previous_unnumbered = False
+    for layer in layers:
+        module = _numbered_module(layer)
+        if module is None:
+            if not previous_unnumbered:
+                groups.append([])
+            groups[-1].append(layer)
+        else:
+            if module not in position:
+                position[module] = len(groups)
+                groups.append([])
+            groups[position[module]].append(layer)
+        previous_unnumbered = module is None
+    return groups
+
+
+def _numbered_module(layer: str) -> str | None:
+    parts = layer.split("/") if layer else []
+    for index, part in enumerate(parts):
+        if re.search(r"\d$", part):
+            return "/".join(parts[: index + 1])
+    return None
+
+
+def layer_group_masks(
+    params: Params, groups: Sequence[str | Sequence[str]], layers: Sequence[str] | None = None
+) -> list[Mask]:
+    """The selections of layer-decay groups given as patterns, in forward order.
+
+    Args:
+      params: params pytree (or shapes).
+      groups: one entry per group: a pattern or a list of patterns (`select`). An entry with
+        ``{i}`` stands for one group per number that makes it match, in numeric order:
+        ``'encoder/block{i}'`` is ``encoder/block0``, ``encoder/block1``, ...
+      layers: forward layer order, for ``first:``/``last:`` patterns.
+
+    Returns:
+      One selection per group. A leaf in several keeps only the last (as in ``lr_mults``);
+      leaves in none are left to the caller.
+
+    Raises:
+      ValueError: a pattern matches nothing (for ``{i}``: for no number).
+    """
+    paths = leaf_paths(params)
+    numbers = sorted({int(n) for path in paths for n in re.findall(r"\d+", path)})
+    owner: dict[str, int] = {}
+    count = 0
+    for entry in groups:
+        patterns = (entry,) if isinstance(entry, str) else tuple(entry)
+        if not any("{i}" in p for p in patterns):
+            expanded = [patterns]
+        else:
+            expanded = [tuple(p.replace("{i}", str(n)) for p in patterns) for n in numbers]
+            expanded = [g for g in expanded if any(_hits(p, paths, layers)[0] for p in g)]
+            if not expanded:
+                raise ValueError(f"Layer group {entry!r} matches no parameter for any {{i}}.")
+        for group in expanded:
+            for path in selected_paths(select(params, group, layers)):
+                owner[path] = count
+            count += 1
+    return [
+        jax.tree_util.tree_map_with_path(lambda kp, _, g=g: owner.get(path_of(kp)) == g, params)
+        for g in range(count)
+    ]
+
+
+def layer_decay_mults(
+    params: Params,
+    decay: float,
+    groups: Sequence[str | Sequence[str]] = (),
+    layers: Sequence[str] | None = None,
+) -> Params:
+    """Layer-wise learning-rate decay (BEiT, MAE): the last group x1, each earlier x ``decay``.
+
+    With G groups in forward order, group k trains at ``decay ** (G - 1 - k)``: the head at
+    the full rate, the embedding at the smallest. This is BEiT's ``layer_decay ** (num_layers -
+    layer_id)`` with its layer ids (0 the embeddings, 1 + i block i, the rest last).
+
+    Args:
+      params: params pytree (or shapes).
+      decay: the per-group factor, in (0, 1].
+      groups: the groups as patterns (`layer_group_masks`); leaves in none form one last group.
+        Empty: `default_layer_groups` of ``layers``.
+      layers: forward layer order (needed for the default and ``first:``/``last:``).
+
+    Returns:
+      A pytree of float multipliers of the params' structure.
+
+    Raises:
+      ValueError: ``decay`` outside (0, 1], no layer order for the default, or a pattern that
+        matches nothing.
+    """
+    if isinstance(decay, bool) or not isinstance(decay, int | float) or not 0 < decay <= 1:
+        raise ValueError(f"transfer.layer_decay={decay!r}: must be a number in (0, 1], e.g. 0.75.")
+    if groups:
+        masks = layer_group_masks(params, groups, layers)
+    else:
+        if layers is None:
+            raise ValueError("Default layer-decay groups need the network's layer order.")
+        masks = [
+            jax.tree_util.tree_map_with_path(
+                lambda kp, _, g=frozenset(group): layer_of(path_of(kp)) in g, params
+            )
+            for group in default_layer_groups(layers)
+        ]
+    # Each leaf's group number; the leaves of no group form one more, last group.
+    group = jax.tree.map(lambda _: len(masks), params)
+    for k, mask in enumerate(masks):
+        group = jax.tree.map(lambda old, chosen, k=k: k if chosen else old, group, mask)
+    num_groups = len(masks) + any(k == len(masks) for k in jax.tree.leaves(group))
+    return jax.tree.map(lambda k: float(decay) ** (num_groups - 1 - k), group)
 
 
 def partition_optimizer(optimizer: optax.GradientTransformation, labels: Params):
@@ -318,7 +487,7 @@ def summary_table(
             continue
         sizes = [int(np.prod(shape)) for _, shape, _, _ in leaves]
         origin = _describe({leaf[2] for leaf in leaves})
-        group = _describe({leaf[3] for leaf in leaves})
+        group = _describe_groups([leaf[3] for leaf in leaves], sizes)
         shape_text = ", ".join(f"{name}{list(shape)}" for name, shape, _, _ in leaves)
         rows.append(f"| {layer} | {shape_text} | {sum(sizes):,} | {origin} | {group} |")
         for (_, _, leaf_origin, leaf_group), size in zip(leaves, sizes, strict=True):
@@ -327,8 +496,20 @@ def summary_table(
     total = count(params)
     rows.append(f"| total | | {total:,} | | |")
     breakdown = "; ".join(f"{key}: {value:,}" for key, value in sorted(totals.items()))
-    return "\n".join(rows) + f"\n{breakdown}"
+    trainable = sum(value for key, value in totals.items() if not key.endswith(FROZEN))
+    share = f" ({100 * trainable / total:.2f}%)" if total else ""
+    return "\n".join(rows) + f"\n{breakdown}\ntrainable: {trainable:,} of {total:,}{share}"
 
 
 def _describe(values: set[str]) -> str:
     return "/".join(sorted(values)) if len(values) > 1 else next(iter(values))
+
+
+def _describe_groups(groups: list[str], sizes: list[int]) -> str:
+    """One group's name, or each group with its size when a layer mixes them (e.g. LoRA)."""
+    by_group: dict[str, int] = {}
+    for group, size in zip(groups, sizes, strict=True):
+        by_group[group] = by_group.get(group, 0) + size
+    if len(by_group) == 1:
+        return groups[0]
+    return ", ".join(f"{group} {size:,}" for group, size in sorted(by_group.items()))

@@ -354,6 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices=
     selection.check_select_by(select_by, validators.NAMES if method.validate_fn else None)
 
     plan = transfer.make_plan(config, method.init_params, jax.random.key(config.seed))
+    method = plan.adapt(method)  # With transfer.lora: adapters in the params (tljax/lora.py).
     logging.info("Parameters (layers in forward order):\n%s", plan.summary)
 
     schedule = optim.make_schedule(config.lr, num_steps)

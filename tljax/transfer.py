@@ -9,6 +9,19 @@ The `transfer` config block (every field optional; no block means a plain run):
   reinit     patterns excluded from the copy, i.e. freshly initialised (e.g. a new head).
   freeze     patterns the optimizer never touches (no update, no optimizer state).
   lr_mults   pattern -> learning-rate multiplier, e.g. ``{'feature': 0.1}``.
+  layer_decay   layer-wise learning-rate decay (BEiT, Bao et al. 2021; MAE's
+             ``util/lr_decay.py``, facebookresearch/mae), e.g. 0.75: the last layer group trains
+             at x1, each earlier one at ``layer_decay`` times the next; multiplies ``lr_mults``.
+  layer_groups  the groups, in forward order: patterns, or lists of patterns (one group);
+             ``{i}`` repeats an entry per number (``'encoder/block{i}'``); leaves in no group
+             form the last group. Empty: `tljax.params.default_layer_groups` (numbered modules
+             such as ``encoder/block3`` / ``stage2``, and runs of layers between them).
+  preset     ``'bitfit'`` (only biases and the head train; Ben Zaken et al. 2021) or
+             ``'head_only'`` (a linear probe): everything else frozen as by ``freeze``.
+  head       patterns naming the classifier head, trained by the presets and LoRA (default
+             ``'last:1'``, the last layer in forward order).
+  lora       low-rank adapters on Dense kernels (`tljax.lora`): dict(rank, alpha, targets,
+             dropout, train); the network's own leaves are frozen except ``lora.train``.
 
 Patterns are those of `tljax.params.select` (globs, ``re:``, ``first:N``, ``last:N@module``).
 """
@@ -24,10 +37,27 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tljax import lora, validate
 from tljax import params as ptree
-from tljax import validate
+from tljax import workdir as workdirs
 
 Params = Any
+
+FIELDS = (
+    "init_from",
+    "copy",
+    "reinit",
+    "freeze",
+    "lr_mults",
+    "layer_decay",
+    "layer_groups",
+    "preset",
+    "head",
+    "lora",
+)
+# What each preset trains besides the head (BitFit: every bias); everything else is frozen.
+PRESETS = {"bitfit": ("re:(.*/)?bias",), "head_only": ()}
+DEFAULT_HEAD = ("last:1",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +70,7 @@ class TransferPlan:
       frozen: selection of leaves the optimizer leaves untouched.
       labels: optimizer group of each leaf (``tljax.params.lr_labels``).
       summary: readable table of the above, logged at the start of a run.
+      adapters: the LoRA adapters the params hold (`tljax.lora.Adapters`), or None.
     """
 
     pretrained: Params | None
@@ -47,12 +78,26 @@ class TransferPlan:
     frozen: Any
     labels: Any
     summary: str
+    adapters: lora.Adapters | None = None
 
     def apply(self, params: Params, pretrained: Params | None) -> Params:
         """``params`` with the copied leaves taken from ``pretrained`` (traceable)."""
         if pretrained is None:
             return params
         return ptree.copy_params(params, pretrained, self.copied)
+
+    def adapt(self, method):
+        """The method to train: ``method`` itself, or with LoRA its `tljax.lora` wrapper.
+
+        Args:
+          method: the run's `tljax.methods.Method`, as built (params without adapters).
+
+        Returns:
+          A method whose params have the structure of this plan's selections.
+        """
+        if self.adapters is None:
+            return method
+        return self.adapters.wrap(method, self.frozen)
 
     @property
     def any_frozen(self) -> bool:
@@ -76,46 +121,107 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
       rng: a PRNG key for the abstract initialisation.
 
     Returns:
-      The `TransferPlan`.
+      The `TransferPlan`. With ``transfer.lora`` its selections cover the params with
+      adapters; the trainer trains ``plan.adapt(method)``.
 
     Raises:
-      ValueError: a pattern matches nothing, or copied leaves are missing or mis-shaped.
+      ValueError: an unknown field or value, a pattern matches nothing, copied leaves are
+        missing or mis-shaped, or nothing would train.
       FileNotFoundError: `init_from` holds no checkpoint.
     """
     block = config.get("transfer") or ml_collections.ConfigDict()
-    unknown = set(block.keys()) - {"init_from", "copy", "reinit", "freeze", "lr_mults"}
+    unknown = set(block.keys()) - set(FIELDS)
     if unknown:
-        raise ValueError(
-            f"Unknown transfer field(s) {sorted(unknown)}; "
-            "use init_from, copy, reinit, freeze, lr_mults."
-        )
-    shapes = jax.eval_shape(init_params, rng)
+        raise ValueError(f"Unknown transfer field(s) {sorted(unknown)}; use {', '.join(FIELDS)}.")
+    base_shapes = jax.eval_shape(init_params, rng)
     layers = ptree.layer_order(init_params, rng)
+    spec = lora.LoRA.from_config(block.get("lora"))
+    adapters, shapes = None, base_shapes
+    if spec is not None:
+        kernels = lora.target_kernels(base_shapes, spec.targets, layers)
+        adapters = lora.Adapters(tuple(kernels), spec.rank, spec.alpha)
+        shapes = jax.eval_shape(adapters.add, base_shapes, rng)
+    # The pretrained params are the network's own: adapters are always new.
+    pretrained, copied = _copied(config, block, base_shapes, layers)
+    copied = lora.extend(copied, shapes, False)
+    frozen = _frozen(block, shapes, layers, spec)
+    decay = block.get("layer_decay")
+    groups = _groups(block.get("layer_groups"))
+    if groups and decay is None:
+        raise ValueError("transfer.layer_groups needs transfer.layer_decay (e.g. 0.75).")
+    base_mults = None
+    if decay is not None:
+        base_mults = ptree.layer_decay_mults(shapes, decay, groups, layers)
+    lr_mults = dict(block.get("lr_mults") or {})
+    labels = ptree.lr_labels(shapes, frozen, lr_mults, layers, base_mults)
+    summary = ptree.summary_table(shapes, copied, labels, layers)
+    return TransferPlan(pretrained, copied, frozen, labels, summary, adapters)
+
+
+def _copied(config, block, shapes, layers) -> tuple[Params | None, Any]:
+    """(pretrained params or None, selection of the leaves copied from them)."""
     nothing = jax.tree.map(lambda _: False, shapes)
     init_from = block.get("init_from")
-    pretrained = None
-    copied = nothing
-    if init_from:
-        copied = ptree.select(shapes, _patterns(block.get("copy", ("*",))), layers)
-        reinit = _patterns(block.get("reinit"))
-        if reinit:
-            copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
-        pretrained = load_pretrained(init_from, shapes, copied, config.model.get("name"))
-        # Fail on a missing or mis-shaped leaf now, with every offender listed.
-        ptree.check_copy(shapes, pretrained, copied)
-    elif _patterns(block.get("reinit")):
-        raise ValueError("transfer.reinit needs transfer.init_from (without it all is new).")
+    if not init_from:
+        if _patterns(block.get("reinit")):
+            raise ValueError("transfer.reinit needs transfer.init_from (without it all is new).")
+        return None, nothing
+    copied = ptree.select(shapes, _patterns(block.get("copy", ("*",))), layers)
+    reinit = _patterns(block.get("reinit"))
+    if reinit:
+        copied = ptree.mask_and(copied, ptree.mask_not(ptree.select(shapes, reinit, layers)))
+    pretrained = load_pretrained(init_from, shapes, copied, config.model.get("name"))
+    # Fail on a missing or mis-shaped leaf now, with every offender listed.
+    ptree.check_copy(shapes, pretrained, copied)
+    return pretrained, copied
+
+
+def _frozen(block, shapes, layers, spec: lora.LoRA | None) -> Any:
+    """The frozen selection: ``freeze``, and whatever a preset or LoRA does not train."""
     freeze = _patterns(block.get("freeze"))
-    frozen = ptree.select(shapes, freeze, layers) if freeze else nothing
+    frozen = (
+        ptree.select(shapes, freeze, layers) if freeze else jax.tree.map(lambda _: False, shapes)
+    )
+    trained = _trained_only(block, shapes, layers, spec)
+    if trained is not None:
+        frozen = jax.tree.map(lambda f, t: bool(f or not t), frozen, trained)
     if all(jax.tree.leaves(frozen)):
         raise ValueError(
-            f"transfer.freeze={list(freeze)} freezes every parameter, so nothing would train. "
-            "Freeze fewer layers (e.g. first:N) or leave the head out of the pattern."
+            f"transfer.freeze={list(freeze)} (with preset / lora) freezes every parameter, so "
+            "nothing would train. Freeze fewer layers (e.g. first:N) or leave the head out."
         )
-    lr_mults = dict(block.get("lr_mults") or {})
-    labels = ptree.lr_labels(shapes, frozen, lr_mults, layers)
-    summary = ptree.summary_table(shapes, copied, labels, layers)
-    return TransferPlan(pretrained, copied, frozen, labels, summary)
+    return frozen
+
+
+def _trained_only(block, shapes, layers, spec: lora.LoRA | None) -> Any | None:
+    """Selection of the only leaves a preset and/or LoRA lets train; None without either."""
+    preset = block.get("preset")
+    if not preset and spec is None:
+        return None
+    head = _patterns(block.get("head", DEFAULT_HEAD))
+    patterns: list[str] = []
+    if preset:
+        if preset not in PRESETS:
+            raise ValueError(f"transfer.preset={preset!r}; use one of {sorted(PRESETS)}.")
+        if not head:
+            raise ValueError(f"transfer.preset={preset!r} trains the head: set transfer.head.")
+        patterns += [*PRESETS[preset], *head]
+    adapters = jax.tree.map(lambda _: False, shapes)
+    if spec is not None:
+        patterns += head if spec.train is None else spec.train
+        adapters = jax.tree_util.tree_map_with_path(
+            lambda kp, _: lora.is_adapter(ptree.path_of(kp)), shapes
+        )
+    chosen = ptree.select(shapes, patterns, layers) if patterns else adapters
+    return jax.tree.map(lambda c, a: bool(c or a), chosen, adapters)
+
+
+def _groups(value) -> list:
+    if not value:
+        return []
+    if isinstance(value, str):
+        return [value]
+    return [entry if isinstance(entry, str) else tuple(entry) for entry in value]
 
 
 def checkpoint_directory(path: str) -> tuple[str, int]:
@@ -183,7 +289,25 @@ def load_pretrained(
     state = ocp.CheckpointManager(directory).restore(step, args=ocp.args.StandardRestore(target))
     if "params" not in state:
         raise ValueError(f"Checkpoint {directory}/{step} holds no 'params' entry.")
-    return jax.tree.map(np.asarray, state["params"])
+    params = state["params"]
+    if lora.holds_adapters(params):
+        # A LoRA run: its network is the merged one (tljax/lora.py).
+        params = lora.merge(params, _recorded_lora_alpha(directory))
+    return jax.tree.map(np.asarray, params)
+
+
+def _recorded_lora_alpha(directory: str) -> float:
+    """The ``transfer.lora.alpha`` that the run owning checkpoint ``directory`` trained with."""
+    run = os.path.dirname(directory)
+    recorded, _ = workdirs.recorded_config(run)
+    block = ((recorded or {}).get("transfer") or {}).get("lora") or {}
+    alpha = block.get("alpha", lora.LoRA.alpha)
+    if not block or isinstance(alpha, bool) or not isinstance(alpha, int | float):
+        raise ValueError(
+            f"Checkpoint {directory} holds LoRA adapters, but {run} has no config.json that "
+            "records transfer.lora.alpha. Merge them first with tljax.lora.merge(params, alpha)."
+        )
+    return float(alpha)
 
 
 def _convert_torch_file(path: str, shapes: Params, copied: Any, model_name: str) -> Params:
