@@ -595,10 +595,10 @@ def test_templates_that_are_not_vits_are_refused(reference):
     from tljax.models import resnet
 
     template = _param_shapes(resnet.resnet18(width=8))["params"]
-    # All 62 leaves of a ResNet-18 but its head (which a ViT has too).
+    # All 41 modules of a ResNet-18 but its head (which a ViT has too).
     with pytest.raises(
         ValueError,
-        match=r"60 template leaves have no ViT counterpart \(e\.g\. \['stage1/block0/conv1/kernel'",
+        match=r"40 template paths have no ViT counterpart \(e\.g\. \['stage1/block0/conv1'",
     ):
         vit_convert.convert_vit(state_dict, template)
     with pytest.raises(ValueError, match=r"pass variables\['params'\]"):

@@ -344,8 +344,9 @@ def read_state_dict(path: str, field: str = "transfer.init_from") -> dict[str, n
     from tljax.models import torch_convert
 
     expected = (
-        "expected a PyTorch state_dict saved with safetensors.torch.save_file (.safetensors) or "
-        "numpy.savez (.npz; see BUILD.md, 'Pretrained ResNets')"
+        "expected a PyTorch state_dict (torchvision ResNet or VGG, timm ConvNeXt or ViT) or a "
+        "big_vision ViT's params, saved with safetensors.torch.save_file (.safetensors) or "
+        "numpy.savez (.npz); BUILD.md's 'Pretrained' sections show how, by model family"
     )
     where = f"{field}={os.fspath(path)!r}"
     # numpy reads any other file as a pickle and then advises loading it unsafely.

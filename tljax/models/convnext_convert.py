@@ -4,7 +4,7 @@ Reference: huggingface/pytorch-image-models ``timm/models/convnext.py`` (module 
 ``ConvNeXt``; ``checkpoint_filter_fn`` maps the original facebookresearch/ConvNeXt checkpoints to
 these names, so a timm ``state_dict`` is what this reads). Weights are never downloaded at run
 time: the file is a local ``.safetensors`` or ``.npz`` holding ``model.state_dict()`` of a timm
-``convnext_tiny`` (BUILD.md, "Pretrained ConvNeXt-T and VGG-16").
+``convnext_tiny`` (BUILD.md, "Pretrained backbones: ViT, ConvNeXt, VGG").
 
 Key mapping (tljax module -> timm module; conv weights (out, in/groups, kh, kw) -> kernel
 (kh, kw, in/groups, out), Linear weights (out, in) -> kernel (in, out), LayerNorm weight ->
@@ -25,7 +25,6 @@ Every problem (missing keys, keys left over, shapes that differ) is reported in 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -33,60 +32,45 @@ import numpy as np
 
 from tljax.models import torch_rules
 
-__all__ = ["convert_convnext", "convnext_torch_shapes", "locate"]
+__all__ = ["CONVNEXT", "convert_convnext", "convnext_torch_shapes"]
 
-_BLOCK = r"stage(?P<stage>\d+)/block(?P<block>\d+)"
-_LAYER_SCALE: torch_rules.LeafMap = {"gamma": ("gamma", torch_rules.SAME)}
-# (tljax module path pattern, timm module name with {stage} counted from 0, leaf map)
-_RULES: tuple[tuple[re.Pattern[str], str, torch_rules.LeafMap], ...] = tuple(
-    (re.compile(pattern), torch_name, leaf_map)
-    for pattern, torch_name, leaf_map in (
-        (r"stem/conv", "stem.0", torch_rules.CONV),
-        (r"stem/norm", "stem.1", torch_rules.LAYER_NORM),
-        (
-            r"stage(?P<stage>\d+)/downsample/norm",
-            "stages.{stage}.downsample.0",
-            torch_rules.LAYER_NORM,
-        ),
-        (r"stage(?P<stage>\d+)/downsample/conv", "stages.{stage}.downsample.1", torch_rules.CONV),
-        (_BLOCK + r"/conv_dw", "stages.{stage}.blocks.{block}.conv_dw", torch_rules.CONV),
-        (_BLOCK + r"/norm", "stages.{stage}.blocks.{block}.norm", torch_rules.LAYER_NORM),
-        (
-            _BLOCK + r"/mlp/fc(?P<fc>[12])",
-            "stages.{stage}.blocks.{block}.mlp.fc{fc}",
-            torch_rules.DENSE,
-        ),
-        (_BLOCK + r"/layer_scale", "stages.{stage}.blocks.{block}", _LAYER_SCALE),
-        (r"final_norm", "head.norm", torch_rules.LAYER_NORM),
-        (r"head", "head.fc", torch_rules.DENSE),
-    )
+_BLOCK, _TIMM_BLOCK = r"stage(?P<stage>\d+)/block(?P<block>\d+)/", "stages.{stage}.blocks.{block}."
+_STAGE = r"stage(?P<stage>\d+)/"
+
+
+def _stage_from_zero(groups: dict[str, str]) -> dict[str, str]:
+    """tljax counts stages from 1 (stage1, like ResNet's), timm from 0."""
+    if "stage" in groups:
+        groups["stage"] = str(int(groups["stage"]) - 1)
+    return groups
+
+
+CONVNEXT = torch_rules.Family(
+    name="ConvNeXt",
+    counterpart="timm ConvNeXt",
+    model="tljax.models.convnext.ConvNeXt",
+    exclude_hint="convert_convnext(..., exclude=('head',))",
+    locate=torch_rules.pattern_locator(
+        [
+            ("stem/conv", "stem.0", torch_rules.CONV),
+            ("stem/norm", "stem.1", torch_rules.LAYER_NORM),
+            (_STAGE + "downsample/norm", "stages.{stage}.downsample.0", torch_rules.LAYER_NORM),
+            (_STAGE + "downsample/conv", "stages.{stage}.downsample.1", torch_rules.CONV),
+            (_BLOCK + "conv_dw", _TIMM_BLOCK + "conv_dw", torch_rules.CONV),
+            (_BLOCK + "norm", _TIMM_BLOCK + "norm", torch_rules.LAYER_NORM),
+            (_BLOCK + "mlp/fc(?P<fc>[12])", _TIMM_BLOCK + "mlp.fc{fc}", torch_rules.DENSE),
+            # timm keeps the layer scale in the block itself.
+            (
+                _BLOCK + "layer_scale",
+                "stages.{stage}.blocks.{block}",
+                torch_rules.kind("layer_scale", gamma=("gamma", torch_rules.SAME)),
+            ),
+            ("final_norm", "head.norm", torch_rules.LAYER_NORM),
+            ("head", "head.fc", torch_rules.DENSE),
+        ],
+        rename=_stage_from_zero,
+    ),
 )
-
-
-def locate(module_path: str) -> tuple[str, torch_rules.LeafMap]:
-    """The timm module holding a tljax ConvNeXt module's tensors.
-
-    Args:
-      module_path: e.g. ``'stage2/block0/mlp/fc1'``.
-
-    Returns:
-      (timm module name, e.g. ``'stages.1.blocks.0.mlp.fc1'``, its leaf map).
-
-    Raises:
-      ValueError: the path is not a ConvNeXt module.
-    """
-    for pattern, torch_name, leaf_map in _RULES:
-        match = pattern.fullmatch(module_path)
-        if match:
-            groups = match.groupdict()
-            if "stage" in groups:
-                # tljax counts stages from 1 (stage1, like ResNet's), timm from 0.
-                groups["stage"] = str(int(groups["stage"]) - 1)
-            return torch_name.format(**groups), leaf_map
-    raise ValueError(
-        f"Template module {module_path!r} has no timm ConvNeXt counterpart; params_template "
-        "must be the params of a tljax.models.convnext.ConvNeXt."
-    )
 
 
 def convnext_torch_shapes(params_template: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -98,7 +82,7 @@ def convnext_torch_shapes(params_template: Mapping[str, Any]) -> dict[str, tuple
     Returns:
       Key -> PyTorch-layout shape.
     """
-    return torch_rules.torch_shapes(params_template, locate)
+    return torch_rules.torch_shapes(params_template, CONVNEXT)
 
 
 def convert_convnext(
@@ -122,11 +106,4 @@ def convert_convnext(
       ValueError: the template is not a ConvNeXt's, or (all listed at once) keys are missing,
         left over, or mis-shaped.
     """
-    return torch_rules.convert(
-        state_dict,
-        params_template,
-        locate,
-        exclude=exclude,
-        family="ConvNeXt",
-        exclude_hint="convert_convnext(..., exclude=('head',))",
-    )
+    return torch_rules.convert(state_dict, params_template, CONVNEXT, exclude=exclude)

@@ -4,7 +4,7 @@ Reference: pytorch/vision ``torchvision/models/vgg.py`` (``VGG.features`` is one
 ``nn.Sequential`` of conv, ReLU and max-pool modules; ``VGG.classifier`` is Linear, ReLU,
 Dropout, Linear, ReLU, Dropout, Linear). Weights are never downloaded at run time: the file is a
 local ``.safetensors`` or ``.npz`` holding ``model.state_dict()`` of a torchvision ``vgg16``
-(BUILD.md, "Pretrained ConvNeXt-T and VGG-16").
+(BUILD.md, "Pretrained backbones: ViT, ConvNeXt, VGG").
 
 Key mapping::
 
@@ -35,7 +35,7 @@ from flax import traverse_util
 from tljax.models import torch_rules
 from tljax.models.vgg import POOLED_SIZE
 
-__all__ = ["FC6_FROM_CHW", "convert_vgg", "locator", "vgg_torch_shapes"]
+__all__ = ["FC6_FROM_CHW", "convert_vgg", "vgg_torch_shapes"]
 
 _CELLS = POOLED_SIZE * POOLED_SIZE
 
@@ -49,10 +49,12 @@ def _fc6_kernel(array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 FC6_FROM_CHW = torch_rules.Transform(lambda shape: shape[::-1], _fc6_kernel)
-_FC6: torch_rules.LeafMap = {"kernel": ("weight", FC6_FROM_CHW), "bias": ("bias", torch_rules.SAME)}
-# tljax module -> (torchvision module, leaf map); classifier.{1,2,4,5} are ReLU and Dropout.
-_CLASSIFIER: dict[str, tuple[str, torch_rules.LeafMap]] = {
-    "fc6": ("classifier.0", _FC6),
+# tljax module -> (torchvision module, kind); classifier.{1,2,4,5} are ReLU and Dropout.
+_CLASSIFIER: dict[str, tuple[str, torch_rules.Kind]] = {
+    "fc6": (
+        "classifier.0",
+        torch_rules.kind("dense", kernel=("weight", FC6_FROM_CHW), bias=("bias", torch_rules.SAME)),
+    ),
     "fc7": ("classifier.3", torch_rules.DENSE),
     "head": ("classifier.6", torch_rules.DENSE),
 }
@@ -75,33 +77,23 @@ def _feature_indices(module_paths: Sequence[str]) -> dict[str, int]:
     return indices
 
 
-def locator(params_template: Mapping[str, Any]) -> torch_rules.Locate:
-    """The module path -> torchvision module function for one VGG template.
-
-    The ``features`` indices depend on how many convs each block has, which the template
-    tells.
-
-    Args:
-      params_template: params (or their ``jax.eval_shape``) of a ``tljax.models.vgg.VGG``.
-
-    Returns:
-      ``locate(module_path) -> (torchvision module name, leaf map)``, raising ValueError for a
-      path that is not a VGG module.
-    """
+def _family(params_template: Mapping[str, Any]) -> torch_rules.Family:
+    """VGG's family for one template: the ``features`` indices depend on its convs per block."""
     paths = [p.rpartition("/")[0] for p in traverse_util.flatten_dict(params_template, sep="/")]
     indices = _feature_indices(paths)
 
-    def locate(module_path: str) -> tuple[str, torch_rules.LeafMap]:
+    def locate(module_path: str) -> tuple[str, torch_rules.Kind] | None:
         if module_path in indices:
             return f"features.{indices[module_path]}", torch_rules.CONV
-        if module_path in _CLASSIFIER:
-            return _CLASSIFIER[module_path]
-        raise ValueError(
-            f"Template module {module_path!r} has no torchvision VGG counterpart; "
-            "params_template must be the params of a tljax.models.vgg.VGG."
-        )
+        return _CLASSIFIER.get(module_path)
 
-    return locate
+    return torch_rules.Family(
+        name="VGG",
+        counterpart="torchvision VGG",
+        model="tljax.models.vgg.VGG",
+        exclude_hint="convert_vgg(..., exclude=('head',))",
+        locate=locate,
+    )
 
 
 def vgg_torch_shapes(params_template: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -113,7 +105,7 @@ def vgg_torch_shapes(params_template: Mapping[str, Any]) -> dict[str, tuple[int,
     Returns:
       Key -> PyTorch-layout shape.
     """
-    return torch_rules.torch_shapes(params_template, locator(params_template))
+    return torch_rules.torch_shapes(params_template, _family(params_template))
 
 
 def convert_vgg(
@@ -139,10 +131,5 @@ def convert_vgg(
         over, or mis-shaped.
     """
     return torch_rules.convert(
-        state_dict,
-        params_template,
-        locator(params_template),
-        exclude=exclude,
-        family="VGG",
-        exclude_hint="convert_vgg(..., exclude=('head',))",
+        state_dict, params_template, _family(params_template), exclude=exclude
     )

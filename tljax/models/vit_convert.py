@@ -39,21 +39,21 @@ Neither layout records the number of heads: a checkpoint must go into the preset
 trained as (S/16: 6 heads, B/16: 12). big_vision models use Flax's tanh-approximated GELU where
 this ViT (like timm) uses the exact one; timm's ports of those checkpoints make the same swap.
 
-Every problem with a checkpoint (missing keys, keys left over, shapes that do not fit the
-template) is reported in one ``ValueError`` that lists all of them.
+Each layout is a table over ``tljax.models.torch_rules``, which reports every problem with a
+checkpoint (missing keys, keys left over, shapes that do not fit the template) in one
+``ValueError`` that lists all of them.
 """
 
 from __future__ import annotations
 
-import abc
-import dataclasses
 import math
-import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from flax import traverse_util
+
+from tljax.models import torch_rules
+from tljax.models.torch_rules import SAME, Transform, kind
 
 __all__ = ["LAYOUTS", "convert_vit", "detect_layout", "resample_pos_embedding"]
 
@@ -62,7 +62,7 @@ LAYOUTS = ("timm", "big_vision")
 StateDict = Mapping[str, np.ndarray]
 Shape = tuple[int, ...]
 
-_BLOCK = re.compile(r"encoder/block(?P<index>\d+)/(?P<layer>.+)")
+_BLOCK = r"encoder/block(?P<i>\d+)/"
 _QKV = ("query", "key", "value")
 
 
@@ -151,190 +151,144 @@ def _convert_pos(posemb: np.ndarray, template: Shape) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# Where each template leaf comes from.
+# The layouts: where each template module comes from.
+
+# What every layout shares: the model and messages.
+_VIT = dict(
+    name="ViT",
+    counterpart="ViT",
+    model="tljax.models.vit.ViT",
+    exclude_hint="convert_vit(..., exclude=('head',))",
+)
+# Checkpoint position embeddings of another grid, or without the class entry, fit too.
+_POS = Transform(lambda shape: lambda found: _pos_problem(found, shape), _convert_pos)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Source:
-    """The checkpoint tensor one template leaf is made of.
+def _embedding(cls: str, pos: str) -> torch_rules.Kind:
+    return kind("embedding", cls=(cls, SAME), pos_embedding=(pos, _POS))
 
-    Attributes:
-      key: the checkpoint key read.
-      problem: checkpoint shape -> None if it fits, else the shape it needs (for messages).
-      convert: checkpoint array -> the leaf's array (before the cast to the template's dtype).
+
+def _qkv(index: int) -> torch_rules.Kind:
+    """Rows ``[index * D, (index + 1) * D)`` of timm's fused qkv (rows: query, key, value)."""
+    rows = lambda width: slice(index * width, (index + 1) * width)
+    return kind(
+        "qkv",
+        kernel=("weight", Transform(lambda s: (3 * s[1], s[0]), lambda w, s: w[rows(s[1])].T)),
+        bias=("bias", Transform(lambda s: (3 * s[0],), lambda b, s: b[rows(s[0])])),
+    )
+
+
+_TIMM = torch_rules.Family(
+    **_VIT,
+    checkpoint="the timm-layout checkpoint (read as timm because no key holds a '/')",
+    locate=torch_rules.pattern_locator(
+        [
+            ("embedding", "", _embedding("cls_token", "pos_embed")),
+            ("embedding/patch", "patch_embed.proj", torch_rules.CONV),
+            (_BLOCK + "norm(?P<n>[12])", "blocks.{i}.norm{n}", torch_rules.LAYER_NORM),
+            *((_BLOCK + f"attn/{n}", "blocks.{i}.attn.qkv", _qkv(j)) for j, n in enumerate(_QKV)),
+            (_BLOCK + "attn/out", "blocks.{i}.attn.proj", torch_rules.DENSE),
+            (_BLOCK + "mlp/fc(?P<fc>[12])", "blocks.{i}.mlp.fc{fc}", torch_rules.DENSE),
+            ("encoder/norm", "norm", torch_rules.LAYER_NORM),
+            ("head", "head", torch_rules.DENSE),
+        ]
+    ),
+)
+
+
+def _split_heads(*axes: str) -> Transform:
+    """A ``(D, D)`` kernel or ``(D,)`` bias stored with a heads axis split out.
+
+    Args:
+      *axes: the stored tensor's axes, each ``'D'``, ``'heads'`` or ``'D / heads'`` (the number
+        of heads is not recorded, so any split of D fits).
+
+    Returns:
+      The transform: a reshape to the template's shape.
     """
 
-    key: str
-    problem: Callable[[Shape], str | None]
-    convert: Callable[[np.ndarray], np.ndarray]
+    def need(shape: Shape) -> Callable[[Shape], str | None]:
+        width = shape[-1]
+        needed = "(" + ", ".join(axis.replace("D", str(width)) for axis in axes) + ")"
+
+        def check(found: Shape) -> str | None:
+            if len(found) != len(axes):
+                return needed
+            widths = all(n == width for n, axis in zip(found, axes, strict=True) if axis == "D")
+            # The split axes multiply to D: heads * (D / heads).
+            return None if widths and math.prod(found) == width ** (axes.count("D") + 1) else needed
+
+        return check
+
+    return Transform(need, lambda array, shape: array.reshape(shape))
 
 
-def _needs(expected: Shape) -> Callable[[Shape], str | None]:
-    return lambda shape: None if tuple(shape) == tuple(expected) else str(tuple(expected))
+# Flax keeps names and layouts, but attention kernels keep a heads axis.
+_FLAX = kind("flax", **{leaf: (leaf, SAME) for leaf in ("kernel", "scale", "bias")})
+_HEADS_IN = kind(
+    "attention",
+    kernel=("kernel", _split_heads("D", "heads", "D / heads")),
+    bias=("bias", _split_heads("heads", "D / heads")),
+)
+_HEADS_OUT = kind(
+    "attention_out", kernel=("kernel", _split_heads("heads", "D / heads", "D")), bias=("bias", SAME)
+)
 
 
-def _exact(key: str, shape: Shape, convert=lambda array: array, expected: Shape | None = None):
-    """A leaf read from ``key`` of ``expected`` shape (default: the leaf's own)."""
-    return _Source(key, _needs(shape if expected is None else expected), convert)
+def _big_vision(state_dict: StateDict) -> torch_rules.Family:
+    """The big_vision / vision_transformer layout of one checkpoint (its prefix and naming)."""
+    embedding = [key for key in state_dict if key.endswith("embedding/kernel")]
+    prefix = min(embedding, key=len)[: -len("embedding/kernel")] if embedding else ""
+    # vision_transformer numbered a block's sublayers among all of its modules.
+    old = any(
+        key.startswith(f"{prefix}Transformer/encoderblock_") and "/MlpBlock_3/" in key
+        for key in state_dict
+    )
+    attention, norm2, mlp = (1, 2, 3) if old else (0, 1, 0)
+    pos_fields = ("pos_embedding", "Transformer/posembed_input/pos_embedding")
+    pos_field = next((f for f in pos_fields if prefix + f in state_dict), pos_fields[0])
+    block = "Transformer/encoderblock_{i}/"
+    heads = f"{block}MultiHeadDotProductAttention_{attention}/"
+    relative = torch_rules.pattern_locator(
+        [
+            ("embedding", "", _embedding("cls", pos_field)),
+            ("embedding/patch", "embedding", _FLAX),
+            (_BLOCK + "norm1", block + "LayerNorm_0", _FLAX),
+            (_BLOCK + "norm2", block + f"LayerNorm_{norm2}", _FLAX),
+            (_BLOCK + "attn/(?P<qkv>query|key|value)", heads + "{qkv}", _HEADS_IN),
+            (_BLOCK + "attn/out", heads + "out", _HEADS_OUT),
+            (_BLOCK + "mlp/fc1", block + f"MlpBlock_{mlp}/Dense_0", _FLAX),
+            (_BLOCK + "mlp/fc2", block + f"MlpBlock_{mlp}/Dense_1", _FLAX),
+            ("encoder/norm", "Transformer/encoder_norm", _FLAX),
+            ("head", "head", _FLAX),
+        ]
+    )
 
-
-def _pos_source(key: str, shape: Shape) -> _Source:
-    return _Source(key, lambda found: _pos_problem(found, shape), lambda a: _convert_pos(a, shape))
-
-
-class _Layout(abc.ABC):
-    """A checkpoint layout: the source of every template leaf and the keys it may leave over."""
-
-    name: str
-
-    @abc.abstractmethod
-    def source(self, path: str, shape: Shape) -> _Source | None:
-        """The source of the leaf at ``path`` (``/``-joined) of ``shape``; None if none."""
-
-    def known_keys(self) -> set[str]:
-        """Keys this layout reads besides the sources' (alternative names)."""
-        return set()
-
-    def ignored(self, key: str, excluded_head: bool) -> bool:
-        """Whether a checkpoint key that no leaf reads is left out silently."""
-        del key, excluded_head
-        return False
-
-
-class _Timm(_Layout):
-    """timm ``VisionTransformer`` state_dict names."""
-
-    name = "timm"
-    # tljax module (inside a block, or at the top) -> timm module.
-    _BLOCK_MODULES = {
-        "norm1": "norm1",
-        "norm2": "norm2",
-        "attn/out": "attn.proj",
-        "mlp/fc1": "mlp.fc1",
-        "mlp/fc2": "mlp.fc2",
-    }
-    _TOP_MODULES = {"encoder/norm": "norm", "head": "head"}
-
-    def source(self, path, shape):
-        module, _, leaf = path.rpartition("/")
-        if path == "embedding/cls":
-            return _exact("cls_token", shape)
-        if path == "embedding/pos_embedding":
-            return _pos_source("pos_embed", shape)
-        if module == "embedding/patch":
-            if leaf == "bias":
-                return _exact("patch_embed.proj.bias", shape)
-            rows, columns, channels, width = shape
-            return _exact(
-                "patch_embed.proj.weight",
-                shape,
-                lambda w: w.transpose(2, 3, 1, 0),
-                expected=(width, channels, rows, columns),
-            )
-        block = _BLOCK.fullmatch(module)
-        if block and block["layer"] in (f"attn/{name}" for name in _QKV):
-            which = block["layer"].removeprefix("attn/")
-            return self._qkv(f"blocks.{block['index']}.attn.qkv", which, leaf, shape)
-        if block and block["layer"] in self._BLOCK_MODULES:
-            torch_module = f"blocks.{block['index']}.{self._BLOCK_MODULES[block['layer']]}"
-        elif module in self._TOP_MODULES:
-            torch_module = self._TOP_MODULES[module]
-        else:
+    def locate(module_path: str) -> tuple[str, torch_rules.Kind] | None:
+        located = relative(module_path)
+        if located is None:
             return None
-        if leaf == "kernel":
-            return _exact(f"{torch_module}.weight", shape, lambda w: w.T, expected=shape[::-1])
-        return _exact(f"{torch_module}.{'weight' if leaf == 'scale' else 'bias'}", shape)
+        name, kind_ = located
+        return (prefix + name if name else prefix.removesuffix("/")), kind_
 
-    @staticmethod
-    def _qkv(torch_module: str, which: str, leaf: str, shape: Shape) -> _Source:
-        """Rows ``[j * D, (j + 1) * D)`` of the fused qkv, j = 0, 1, 2 for query, key, value."""
-        width = shape[-1]
-        index = _QKV.index(which)
-        part = slice(index * width, (index + 1) * width)
-        if leaf == "kernel":
-            return _exact(
-                f"{torch_module}.weight", shape, lambda w: w[part].T, expected=(3 * width, width)
-            )
-        return _exact(f"{torch_module}.bias", shape, lambda b: b[part], expected=(3 * width,))
-
-
-class _BigVision(_Layout):
-    """big_vision / vision_transformer Flax names, flattened with ``/``."""
-
-    name = "big_vision"
-
-    def __init__(self, state_dict: StateDict):
-        embedding = [key for key in state_dict if key.endswith("embedding/kernel")]
-        self.prefix = min(embedding, key=len)[: -len("embedding/kernel")] if embedding else ""
-        # vision_transformer numbered a block's sublayers among all of its modules.
-        old = any(
-            key.startswith(f"{self.prefix}Transformer/encoderblock_") and "/MlpBlock_3/" in key
-            for key in state_dict
+    def ignore(key: str, exclude: Sequence[str]) -> bool:
+        # Keys outside the params (optimizer state) are skipped, as big_vision's load_params
+        # does; pre_logits goes with a re-initialised head, as timm drops it.
+        pre_logits = key.startswith(f"{prefix}pre_logits/")
+        return not key.startswith(prefix) or (
+            pre_logits and torch_rules.is_excluded("head", exclude)
         )
-        self.attention, self.norm2, self.mlp = (1, 2, 3) if old else (0, 1, 0)
-        self.pos_keys = (
-            f"{self.prefix}pos_embedding",
-            f"{self.prefix}Transformer/posembed_input/pos_embedding",
-        )
-        self.pos_key = next((k for k in self.pos_keys if k in state_dict), self.pos_keys[0])
 
-    def _block_module(self, layer: str) -> str | None:
-        attention = f"MultiHeadDotProductAttention_{self.attention}"
-        return {
-            "norm1": "LayerNorm_0",
-            "norm2": f"LayerNorm_{self.norm2}",
-            **{f"attn/{name}": f"{attention}/{name}" for name in (*_QKV, "out")},
-            "mlp/fc1": f"MlpBlock_{self.mlp}/Dense_0",
-            "mlp/fc2": f"MlpBlock_{self.mlp}/Dense_1",
-        }.get(layer)
-
-    def source(self, path, shape):
-        module, _, leaf = path.rpartition("/")
-        if path == "embedding/cls":
-            return _exact(f"{self.prefix}cls", shape)
-        if path == "embedding/pos_embedding":
-            return _pos_source(self.pos_key, shape)
-        block = _BLOCK.fullmatch(module)
-        if block:
-            name = self._block_module(block["layer"])
-            if name is None:
-                return None
-            flax_module = f"{self.prefix}Transformer/encoderblock_{block['index']}/{name}"
-            if block["layer"].startswith("attn/"):
-                return self._attention(flax_module, block["layer"] == "attn/out", leaf, shape)
-        else:
-            top = {"embedding/patch": "embedding", "encoder/norm": "Transformer/encoder_norm"}
-            if module not in (*top, "head"):
-                return None
-            flax_module = self.prefix + top.get(module, module)
-        return _exact(f"{flax_module}/{leaf}", shape)
-
-    @staticmethod
-    def _attention(flax_module: str, is_out: bool, leaf: str, shape: Shape) -> _Source:
-        """Flax attention kernels keep a heads axis: (D, h, D/h) in, (h, D/h, D) out."""
-        key = f"{flax_module}/{leaf}"
-        width = shape[-1]
-        if leaf == "bias" and is_out:
-            return _exact(key, shape)
-
-        def problem(found: Shape) -> str | None:
-            if leaf == "bias":
-                fits = len(found) == 2 and found[0] * found[1] == width
-                return None if fits else f"(heads, {width} / heads)"
-            if is_out:
-                fits = len(found) == 3 and found[0] * found[1] == width and found[2] == width
-                return None if fits else f"(heads, {width} / heads, {width})"
-            fits = len(found) == 3 and found[0] == width and found[1] * found[2] == width
-            return None if fits else f"({width}, heads, {width} / heads)"
-
-        return _Source(key, problem, lambda array: array.reshape(shape))
-
-    def known_keys(self):
-        return set(self.pos_keys)
-
-    def ignored(self, key, excluded_head):
-        outside = not key.startswith(self.prefix)
-        return outside or (excluded_head and key.startswith(f"{self.prefix}pre_logits/"))
+    return torch_rules.Family(
+        **_VIT,
+        checkpoint=(
+            "the big_vision-layout checkpoint (read as big_vision because its keys hold '/')"
+        ),
+        locate=locate,
+        sep="/",
+        known=frozenset(prefix + field for field in pos_fields),
+        ignore=ignore,
+    )
 
 
 def detect_layout(state_dict: StateDict) -> str:
@@ -347,10 +301,6 @@ def detect_layout(state_dict: StateDict) -> str:
       One of ``LAYOUTS``.
     """
     return "big_vision" if any("/" in key for key in state_dict) else "timm"
-
-
-def _layout(state_dict: StateDict) -> _Layout:
-    return _BigVision(state_dict) if detect_layout(state_dict) == "big_vision" else _Timm()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -382,112 +332,5 @@ def convert_vit(
       ValueError: if the template is not a ViT's params, or, listing every problem at once, if
         checkpoint keys are missing, keys are left over, or shapes do not fit the template.
     """
-    if "params" in params_template:
-        raise ValueError(
-            "params_template has a 'params' key: pass variables['params'], not the variables."
-        )
-    layout = _layout(state_dict)
-    flat = traverse_util.flatten_dict(params_template, sep="/")
-    shapes = {path: tuple(leaf.shape) for path, leaf in flat.items()}
-    sources = _sources(layout, shapes)
-    loaded = {path: s for path, s in sources.items() if not _is_excluded(path, exclude)}
-    _check_checkpoint(state_dict, layout, sources, loaded, exclude, shapes)
-    converted = dict(flat)
-    for path, source in loaded.items():
-        value = source.convert(np.asarray(state_dict[source.key]))
-        converted[path] = np.ascontiguousarray(value, dtype=flat[path].dtype)
-    return traverse_util.unflatten_dict(converted, sep="/")
-
-
-def _sources(layout: _Layout, shapes: Mapping[str, Shape]) -> dict[str, _Source]:
-    """Template leaf path -> its source; a ValueError naming the leaves a ViT does not have."""
-    sources, strangers = {}, []
-    for path, shape in shapes.items():
-        source = layout.source(path, shape)
-        if source is None:
-            strangers.append(path)
-        else:
-            sources[path] = source
-    if strangers:
-        raise ValueError(
-            f"{len(strangers)} template leaves have no ViT counterpart (e.g. {strangers[:3]}); "
-            "params_template must be the params of a tljax.models.vit.ViT."
-        )
-    return sources
-
-
-def _is_excluded(leaf_path: str, exclude: Sequence[str]) -> bool:
-    module = leaf_path.rpartition("/")[0]
-    return any(module == prefix or module.startswith(prefix + "/") for prefix in exclude)
-
-
-def _check_checkpoint(
-    state_dict: StateDict,
-    layout: _Layout,
-    sources: Mapping[str, _Source],
-    loaded: Mapping[str, _Source],
-    exclude: Sequence[str],
-    shapes: Mapping[str, Shape],
-) -> None:
-    """Raises one ValueError describing every missing key, leftover key and wrong shape."""
-    known = {source.key for source in sources.values()} | layout.known_keys()
-    excluded_head = any(p.startswith("head/") and _is_excluded(p, exclude) for p in sources)
-    missing = list(dict.fromkeys(s.key for s in loaded.values() if s.key not in state_dict))
-    unexpected = [
-        key for key in state_dict if key not in known and not layout.ignored(key, excluded_head)
-    ]
-    # One line per checkpoint key, though query, key and value all read timm's fused qkv.
-    mismatched: dict[str, str] = {}
-    for path, source in loaded.items():
-        if source.key not in state_dict or source.key in mismatched:
-            continue
-        found = tuple(np.shape(state_dict[source.key]))
-        needed = source.problem(found)
-        if needed is not None:
-            mismatched[source.key] = (
-                f"{path}: template {shapes[path]} needs {source.key} of shape {needed}, "
-                f"checkpoint has {found}"
-            )
-    problems = _problem_report(missing, unexpected, list(mismatched.values()))
-    if problems:
-        raise ValueError(
-            f"Cannot convert the {layout.name}-layout checkpoint (read as {layout.name} because "
-            f"{_LAYOUT_REASONS[layout.name]}) to this ViT"
-            f"{f' (excluding {list(exclude)})' if exclude else ''}:\n{problems}"
-        )
-
-
-_LAYOUT_REASONS = {
-    "timm": "no key holds a '/'",
-    "big_vision": "its keys hold '/'",
-}
-
-
-def _problem_report(
-    missing: Sequence[str], unexpected: Sequence[str], mismatched: Sequence[str]
-) -> str:
-    """The sections of the conversion error, one per kind of problem; empty if there is none."""
-    sections = []
-    if missing:
-        sections.append(_listing(f"{len(missing)} keys missing from the checkpoint", missing))
-    if unexpected:
-        sections.append(
-            _listing(
-                f"{len(unexpected)} checkpoint keys have no place in the template (another "
-                "architecture, depth or pooling, or a template initialised without its head?)",
-                unexpected,
-            )
-        )
-    if mismatched:
-        hint = ""
-        if any(line.startswith("head/") for line in mismatched):
-            hint = (
-                " The head differs (a different number of classes?): re-initialise it "
-                "(transfer.reinit=('head',), or convert_vit(..., exclude=('head',)))."
-            )
-        sections.append(_listing(f"{len(mismatched)} shapes differ.{hint}", mismatched))
-    return "\n".join(sections)
-
-
-def _listing(title: str, items: Sequence[str]) -> str:
-    return "  " + title + "\n" + "\n".join(f"    {item}" for item in items)
+    family = _big_vision(state_dict) if detect_layout(state_dict) == "big_vision" else _TIMM
+    return torch_rules.convert(state_dict, params_template, family, exclude=exclude)
