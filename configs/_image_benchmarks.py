@@ -470,4 +470,5 @@ def model_block(num_classes: int, backbone: str = "resnet50") -> ml_collections.
     if backbone == "resnet50":
         block.width = 64
         block.norm = "affine"
+        block.batch_stats = "update"  # With norm='batch' (tljax/models/batch_norm.py).
     return block

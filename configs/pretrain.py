@@ -73,6 +73,11 @@ def classifier_config(source: str, target: str, classes, seed: int) -> ml_collec
             dtype="float32",
             # 'imagenet' for converted ImageNet ResNets (model.name='resnet50', BUILD.md).
             normalize="none",
+            # ResNets: 'affine' (frozen BatchNorm, folded), 'batch' (BatchNorm with running
+            # statistics; batch_stats 'update' or 'frozen') or 'group'; width 64 as torchvision.
+            norm="affine",
+            batch_stats="update",
+            width=64,
         )
     )
     add_training_blocks(config, steps=2000, batch_size=64, eval_every=1000)

@@ -102,8 +102,8 @@ def test_norm_variants_and_compute_dtype():
     affine = _flat(_param_shapes(resnet.resnet18(width=8))["params"])
     # Same names and shapes: a GroupNorm net (8 channels, so 8 groups) can take transfers.
     assert jax.tree.map(lambda s: s.shape, group) == jax.tree.map(lambda s: s.shape, affine)
-    with pytest.raises(ValueError, match="Unknown norm 'batch'"):
-        _param_shapes(resnet.resnet18(norm="batch"))
+    with pytest.raises(ValueError, match="Unknown norm 'layer'"):
+        _param_shapes(resnet.resnet18(norm="layer"))
 
     model = resnet.resnet18(num_classes=10, width=8, dtype=jnp.bfloat16)
     params = _param_shapes(model)["params"]
@@ -328,6 +328,32 @@ def test_resnet18_checkpoint_gives_torch_logits(torch, tmp_path):
     logits = jax.jit(model.apply)({"params": from_npz}, images)
     assert np.std(expected) > 0.1  # A real signal, not a vanishing one.
     _assert_close(logits, expected)
+
+
+def test_running_statistics_load_into_batch_norm_resnets(torch):
+    torch_model = _torch_resnet(torch, "basic", (2, 2, 2, 2), width=8)
+    with torch.no_grad():  # Statistics that are not the initial zeros and ones.
+        for module in torch_model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    state_dict = _numpy_state_dict(torch_model)
+    images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+
+    evaluating = resnet.resnet18(width=8, norm="batch")
+    params = torch_convert.convert_resnet(state_dict, _param_shapes(evaluating)["params"])
+    np.testing.assert_array_equal(
+        params["stage2"]["block0"]["downsample"]["norm"]["running_var"],
+        state_dict["layer2.0.downsample.1.running_var"],
+    )
+    _assert_close(
+        evaluating.apply({"params": params}, images), _torch_logits(torch, torch_model, images)
+    )
+
+    training = resnet.resnet18(width=8, norm="batch", train=True)
+    logits, _ = training.apply({"params": params}, images, mutable=["batch_stats"])
+    torch_model.train()
+    _assert_close(logits, _torch_logits(torch, torch_model, images))
 
 
 def test_batch_norm_folding_matches_formula(torch):

@@ -36,6 +36,7 @@ from tljax import params as ptree
 from tljax import results as run_results
 from tljax import workdir as workdirs
 from tljax.data import folders, pipeline
+from tljax.models import batch_norm
 
 State = dict[str, Any]
 
@@ -114,10 +115,14 @@ def make_train_step(
     """(state, batch) -> (state, metrics): one optimizer step of `method.loss_fn`.
 
     Args:
-      method: supplies `loss_fn` (given an `Anchor` if `anchored`) or `value_and_grad`.
+      method: supplies `loss_fn` (given an `Anchor` if `anchored`) or `value_and_grad`. A
+        metrics entry ``"batch_stats"`` (`tljax.models.batch_norm.STATS_KEY`) is not a metric:
+        it holds new BatchNorm running statistics at their params paths, written into the
+        params after the optimizer update.
       optimizer: optax transformation.
       schedule: lr schedule (logged as 'lr').
-      plan: layer transfer; its frozen leaves are carried over unchanged, bit for bit.
+      plan: layer transfer; its frozen leaves are carried over unchanged, bit for bit (running
+        statistics are always frozen to the optimizer, and then take the method's new values).
 
     Returns:
       The un-jitted step function.
@@ -151,8 +156,12 @@ def make_train_step(
         (loss, metrics), grads = objective_grad(
             state["params"], batch, rng, step, state.get("start_params")
         )
+        metrics = dict(metrics)
+        statistics = metrics.pop(batch_norm.STATS_KEY, None)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         params = apply_updates(state["params"], updates)
+        if statistics is not None:
+            params = batch_norm.write_statistics(params, statistics)
         metrics = {**metrics, "loss": loss, "lr": schedule(step)}
         new_state = {**state, "params": params, "opt_state": opt_state, "step": step + 1}
         return new_state, metrics

@@ -24,6 +24,11 @@ The `transfer` config block (every field optional; no block means a plain run):
              dropout, train); the network's own leaves are frozen except ``lora.train``.
 
 Patterns are those of `tljax.params.select` (globs, ``re:``, ``first:N``, ``last:N@module``).
+
+BatchNorm running statistics (``running_mean`` / ``running_var`` leaves, `tljax.models.batch_norm`)
+are copied and re-initialised with their layer like any leaf, but are always frozen to the
+optimizer (no update, no weight decay, no optimizer state); the training method sets them. The
+layer table shows them as ``statistics: frozen``.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ import orbax.checkpoint as ocp
 from tljax import lora, validate
 from tljax import params as ptree
 from tljax import workdir as workdirs
+from tljax.models import batch_norm
 
 Params = Any
 
@@ -58,6 +64,8 @@ FIELDS = (
 # What each preset trains besides the head (BitFit: every bias); everything else is frozen.
 PRESETS = {"bitfit": ("re:(.*/)?bias",), "head_only": ()}
 DEFAULT_HEAD = ("last:1",)
+# The layer table's group of running statistics: frozen to the optimizer, set by the method.
+STATISTICS_LABEL = f"statistics: {ptree.FROZEN}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,8 +161,10 @@ def make_plan(config: ml_collections.ConfigDict, init_params, rng) -> TransferPl
     if decay is not None:
         base_mults = ptree.layer_decay_mults(shapes, decay, groups, layers)
     lr_mults = dict(block.get("lr_mults") or {})
+    statistics = batch_norm.statistics_mask(shapes)
     labels = ptree.lr_labels(shapes, frozen, lr_mults, layers, base_mults)
-    summary = ptree.summary_table(shapes, copied, labels, layers)
+    shown = jax.tree.map(lambda label, s: STATISTICS_LABEL if s else label, labels, statistics)
+    summary = ptree.summary_table(shapes, copied, shown, layers)
     return TransferPlan(pretrained, copied, frozen, labels, summary, adapters)
 
 
@@ -177,7 +187,7 @@ def _copied(config, block, shapes, layers) -> tuple[Params | None, Any]:
 
 
 def _frozen(block, shapes, layers, spec: lora.LoRA | None) -> Any:
-    """The frozen selection: ``freeze``, and whatever a preset or LoRA does not train."""
+    """The frozen selection: ``freeze``, whatever a preset or LoRA does not train, statistics."""
     freeze = _patterns(block.get("freeze"))
     frozen = (
         ptree.select(shapes, freeze, layers) if freeze else jax.tree.map(lambda _: False, shapes)
@@ -185,6 +195,8 @@ def _frozen(block, shapes, layers, spec: lora.LoRA | None) -> Any:
     trained = _trained_only(block, shapes, layers, spec)
     if trained is not None:
         frozen = jax.tree.map(lambda f, t: bool(f or not t), frozen, trained)
+    # Running statistics never train, whatever the patterns say (the method sets them).
+    frozen = jax.tree.map(lambda f, s: bool(f or s), frozen, batch_norm.statistics_mask(shapes))
     if all(jax.tree.leaves(frozen)):
         raise ValueError(
             f"transfer.freeze={list(freeze)} (with preset / lora) freezes every parameter, so "
@@ -293,7 +305,11 @@ def load_pretrained(
     if lora.holds_adapters(params):
         # A LoRA run: its network is the merged one (tljax/lora.py).
         params = lora.merge(params, _recorded_lora_alpha(directory))
-    return jax.tree.map(np.asarray, params)
+    params = jax.tree.map(np.asarray, params)
+    if shapes is not None:
+        # A norm='batch' run starting a norm='affine' network keeps its statistics, folded.
+        params = batch_norm.fold_into_affine(params, shapes)
+    return params
 
 
 def _recorded_lora_alpha(directory: str) -> float:

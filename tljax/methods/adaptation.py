@@ -142,7 +142,10 @@ def network(
 
     Raises:
       ValueError: if more than one term asks for a discriminator.
+      tljax.validate.ConfigError: ``model.norm='batch'`` with ``model.batch_stats='update'``:
+        these methods do not update running statistics.
     """
+    models.refuse_statistics_updates(config.model, "the domain-adaptation methods")
     adversarial = [term for term in terms if term.discriminator_input is not None]
     if len(adversarial) > 1:
         raise ValueError(

@@ -8,11 +8,18 @@ pretrained checkpoint, and the `conservative` block adds the penalties of
   l2sp_alpha, l2sp_beta   L2-SP on transferred / new weights;
   output_weight, temperature   distillation KL between the two networks' predictions;
   feature_weight          squared L2 between the two networks' features.
+
+With BatchNorm running statistics (``model.norm='batch'``, `tljax.models.batch_norm`) and
+``model.batch_stats='update'``, the loss runs the training network with batch statistics and
+returns the updated running statistics as ``metrics["batch_stats"]``, which the trainer stores
+into the params after the step. Evaluation and the starting network of the penalties use the
+evaluation network (running statistics, nothing updated).
 """
 
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 from tljax import data, regularizers
 from tljax.collapse import Classifier
@@ -20,6 +27,8 @@ from tljax.data.pipeline import Stream
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, classification_sums, image_model_fns
 from tljax.models import make_classifier
+from tljax.models.batch_norm import COLLECTION, STATS_KEY, is_statistic
+from tljax.models.classifiers import batch_norm_mode
 
 PENALTIES = ("l2sp_alpha", "l2sp_beta", "output_weight", "temperature", "feature_weight")
 
@@ -32,6 +41,13 @@ def load_training_split(config: ml_collections.ConfigDict) -> dict:
     if config.data.get("shots_per_class"):
         arrays = per_class_subset(arrays, config.data.shots_per_class, config.data.shots_seed)
     return arrays
+
+
+def _weights_only(tree):
+    """``tree`` without its BatchNorm running statistics (a params-structured pytree)."""
+    flat = traverse_util.flatten_dict(tree, sep="/")
+    kept = {path: leaf for path, leaf in flat.items() if not is_statistic(path)}
+    return traverse_util.unflatten_dict(kept, sep="/") if len(kept) < len(flat) else tree
 
 
 def _penalty_weights(config: ml_collections.ConfigDict) -> dict[str, float]:
@@ -62,6 +78,8 @@ def build(config: ml_collections.ConfigDict) -> Method:
       The `Method`.
     """
     model = make_classifier(config.model)
+    eval_model = make_classifier(config.model, for_eval=True)
+    updates_statistics = batch_norm_mode(config.model) == "update"
     weights = _penalty_weights(config)
     preprocess, init_params = image_model_fns(model, config.model)
     classes = config.data.get("classes")
@@ -70,20 +88,31 @@ def build(config: ml_collections.ConfigDict) -> Method:
             f"model.num_classes={config.model.num_classes} but data.classes has {len(classes)}."
         )
 
-    def features(params, images):
-        return model.apply({"params": params}, preprocess(images), method="features")
+    def features(params, images, net=eval_model):
+        return net.apply({"params": params}, preprocess(images), method="features")
 
     def classify(params, feats):
         return model.apply({"params": params}, feats, method="classify")
 
+    def train_features(params, images):
+        """(features of the training network, its running-statistics updates or None)."""
+        if not updates_statistics:
+            return features(params, images, net=model), None
+        feats, updates = model.apply(
+            {"params": params}, preprocess(images), method="features", mutable=[COLLECTION]
+        )
+        return feats, updates[COLLECTION]
+
     def loss_fn(params, batch, rng, step, anchor=None):
         del rng, step
         images = batch["train_image"]
-        feats = features(params, images)
+        feats, statistics = train_features(params, images)
         logits = classify(params, feats)
         labels = batch["train_label"]
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
         metrics = {"class_loss": loss, "accuracy": (logits.argmax(-1) == labels).mean()}
+        if statistics is not None:
+            metrics[STATS_KEY] = statistics
         if anchor is None:
             return loss, metrics
         penalty, penalty_metrics = conservative_penalty(params, feats, logits, images, anchor)
@@ -92,10 +121,11 @@ def build(config: ml_collections.ConfigDict) -> Method:
     def conservative_penalty(params, feats, logits, images, anchor):
         total, metrics = jnp.zeros((), jnp.float32), {}
         if weights["l2sp_alpha"] or weights["l2sp_beta"]:
+            # Running statistics are not weights: no pull towards the start, no decay.
             drift, new = regularizers.l2_sp(
-                params,
-                anchor.params,
-                anchor.transferred,
+                _weights_only(params),
+                _weights_only(anchor.params),
+                _weights_only(anchor.transferred),
                 weights["l2sp_alpha"],
                 weights["l2sp_beta"],
             )

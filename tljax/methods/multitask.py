@@ -42,7 +42,7 @@ from tljax.data.pipeline import Stream
 from tljax.data.preprocess import to_float_images
 from tljax.data.subsets import class_subset, per_class_subset
 from tljax.methods import Method, task_classification_sums
-from tljax.models import make_classifier
+from tljax.models import make_classifier, refuse_statistics_updates
 from tljax.models.multitask import SHARED, HardSharing, sequence_of, sharing_table
 from tljax.validate import Expectations
 
@@ -144,6 +144,7 @@ def build(config: ml_collections.ConfigDict) -> Method:
             arrays = per_class_subset(arrays, spec.shots_per_class, config.seed)
         train_arrays[task] = arrays
     num_classes = {task: num_classes_of(specs[task], train_arrays[task]) for task in tasks}
+    refuse_statistics_updates(config.model, "the multi-task methods")
     templates = {
         task: make_classifier(config.model, num_classes=num_classes[task]) for task in tasks
     }

@@ -13,18 +13,25 @@ Parameter paths follow the forward order and address every layer for transfer pa
     stage{i}/block{j}/downsample/conv/kernel, .../downsample/norm/{scale,bias}
     head/{kernel,bias}                    (fc)
 
+With ``norm='batch'`` every norm also holds ``running_mean`` and ``running_var``.
+
 Normalisation (``norm``):
 
 * ``'affine'`` (default): a per-channel ``x * scale + bias``. A converted checkpoint folds each
   BatchNorm's running statistics into ``scale`` and ``bias``, which is exactly BatchNorm in eval
-  mode; fine-tuning then keeps the statistics frozen (the usual practice with small batches). The
-  variables stay one plain ``params`` pytree: no mutable ``batch_stats`` collection for the
-  trainer to thread through, and no dependence on the per-device batch under data parallelism.
+  mode; fine-tuning then keeps the statistics frozen (the usual practice with small batches), and
+  no image's output depends on the rest of its batch.
+* ``'batch'``: BatchNorm with its running statistics (`tljax.models.batch_norm.BatchNorm`,
+  PyTorch's conventions): with ``train=True`` it normalises with the (global) batch statistics
+  and writes updated running statistics to the ``"batch_stats"`` collection (apply with
+  ``mutable=["batch_stats"]``); with ``train=False`` it uses the running statistics. For
+  fine-tuning with statistics that follow the new data, and for AdaBN (`tljax.adabn`).
 * ``'group'``: GroupNorm (32 groups, fewer when a layer has fewer than 32 channels), for training
   from scratch, where an affine layer alone would not normalise anything.
 
-Both expose the same parameter names and counts (``scale``, ``bias`` per channel), equal to
-torchvision's BatchNorm ``weight`` and ``bias``, so parameter counts match torchvision's.
+All expose ``scale`` and ``bias`` per channel, equal to torchvision's BatchNorm ``weight`` and
+``bias``, so parameter counts match torchvision's (``'batch'`` adds the two running statistics,
+which torchvision counts as buffers, not parameters).
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from tljax.models.batch_norm import BatchNorm
 
 __all__ = [
     "NORMS",
@@ -55,7 +64,7 @@ __all__ = [
     "resnet50",
 ]
 
-NORMS = ("affine", "group")
+NORMS = ("affine", "batch", "group")
 
 Array = jax.Array
 # A Flax module class or a functools.partial of one, as in the Flax examples.
@@ -96,11 +105,15 @@ class Affine(nn.Module):
         return x * scale + bias
 
 
-def _norm_layer(kind: str, channels: int, *, zero_init: bool, dtype: Any, name: str) -> nn.Module:
+def _norm_layer(
+    kind: str, channels: int, *, zero_init: bool, train: bool, dtype: Any, name: str
+) -> nn.Module:
     """The normalisation layer ``kind`` (one of ``NORMS``) for ``channels`` channels."""
     scale_init = nn.initializers.zeros if zero_init else nn.initializers.ones
     if kind == "affine":
         return Affine(scale_init=scale_init, dtype=dtype, name=name)
+    if kind == "batch":
+        return BatchNorm(train=train, scale_init=scale_init, dtype=dtype, name=name)
     if kind == "group":
         return nn.GroupNorm(
             num_groups=math.gcd(_MAX_GROUPS, channels),
@@ -118,6 +131,8 @@ class _ConvNormLayer(nn.Module):
       features: base number of channels of the module.
       strides: stride of the module's spatial downsampling.
       norm: one of ``NORMS``.
+      train: with ``norm='batch'``, normalise with batch statistics and update the running
+        ones (True) or use the running statistics (False); other norms ignore it.
       conv: the convolution module (``nn.Conv`` or a drop-in such as ``tljax.ops.Conv``).
       dtype: computation dtype (parameters stay float32).
     """
@@ -125,6 +140,7 @@ class _ConvNormLayer(nn.Module):
     features: int
     strides: int = 1
     norm: str = "affine"
+    train: bool = False
     conv: ModuleDef = nn.Conv
     dtype: Any = None
 
@@ -144,7 +160,14 @@ class _ConvNormLayer(nn.Module):
         )
 
     def _norm(self, channels: int, name: str, *, zero_init: bool = False) -> nn.Module:
-        return _norm_layer(self.norm, channels, zero_init=zero_init, dtype=self.dtype, name=name)
+        return _norm_layer(
+            self.norm,
+            channels,
+            zero_init=zero_init,
+            train=self.train,
+            dtype=self.dtype,
+            name=name,
+        )
 
 
 class Stem(_ConvNormLayer):
@@ -212,8 +235,9 @@ class ResidualBlock(_ConvNormLayer):
     def _last_norm(self, channels: int, name: str) -> nn.Module:
         # The last norm of the residual branch starts with zero scale (Goyal et al. 2017), so
         # every block starts as the identity. Without batch statistics (norm='affine' from
-        # scratch) nothing else keeps the activations from growing with depth; with GroupNorm it
-        # still makes the first steps better conditioned. Converted checkpoints overwrite it.
+        # scratch) nothing else keeps the activations from growing with depth; with GroupNorm or
+        # BatchNorm it still makes the first steps better conditioned. Converted checkpoints
+        # overwrite it.
         return self._norm(channels, name, zero_init=True)
 
     def _shortcut(self, x: Array) -> Array:
@@ -224,6 +248,7 @@ class ResidualBlock(_ConvNormLayer):
             out_channels,
             strides=self.strides,
             norm=self.norm,
+            train=self.train,
             conv=self.conv,
             dtype=self.dtype,
             name="downsample",
@@ -283,6 +308,7 @@ class Stage(_ConvNormLayer):
                 self.features,
                 strides=self.strides if index == 0 else 1,
                 norm=self.norm,
+                train=self.train,
                 conv=self.conv,
                 dtype=self.dtype,
                 name=f"block{index}",
@@ -299,8 +325,12 @@ class ResNet(nn.Module):
       num_classes: outputs of the ``head`` Dense layer.
       width: channels of the stem and base width of the first stage (64 in torchvision); each
         later stage doubles it. Smaller values give cheap networks of the same layout (tests).
-      norm: one of ``NORMS``: ``'affine'`` (frozen BatchNorm, for pretrained weights) or
-        ``'group'`` (GroupNorm, for training from scratch).
+      norm: one of ``NORMS``: ``'affine'`` (frozen BatchNorm, for pretrained weights),
+        ``'batch'`` (BatchNorm with running statistics) or ``'group'`` (GroupNorm, for training
+        from scratch).
+      train: with ``norm='batch'``: normalise with batch statistics and write the updated
+        running statistics to ``"batch_stats"`` (True; apply with ``mutable=["batch_stats"]``),
+        or normalise with the running statistics (False: evaluation, frozen BatchNorm).
       conv: the convolution module (``nn.Conv`` or a drop-in such as ``tljax.ops.Conv``).
       pool: the stem's max pooling, with ``nn.max_pool``'s signature.
       dtype: computation dtype (parameters stay float32; logits are returned in float32).
@@ -311,12 +341,18 @@ class ResNet(nn.Module):
     num_classes: int = 1000
     width: int = 64
     norm: str = "affine"
+    train: bool = False
     conv: ModuleDef = nn.Conv
     pool: Callable[..., Array] = nn.max_pool
     dtype: Any = None
 
     def setup(self):
-        layer_kwargs = {"norm": self.norm, "conv": self.conv, "dtype": self.dtype}
+        layer_kwargs = {
+            "norm": self.norm,
+            "train": self.train,
+            "conv": self.conv,
+            "dtype": self.dtype,
+        }
         self.stem = Stem(self.width, strides=2, pool=self.pool, **layer_kwargs)
         for index, num_blocks in enumerate(self.stage_sizes):
             # Assigned by name, not as a list, so that the params read stage1, stage2, ...
@@ -391,8 +427,8 @@ def resnet(name: str, num_classes: int = 1000, **kwargs: Any) -> ResNet:
     Args:
       name: 'resnet18', 'resnet34' or 'resnet50'.
       num_classes: outputs of the head.
-      **kwargs: further ``ResNet`` attributes (``norm``, ``conv``, ``pool``, ``dtype``,
-        ``width``).
+      **kwargs: further ``ResNet`` attributes (``norm``, ``train``, ``conv``, ``pool``,
+        ``dtype``, ``width``).
 
     Returns:
       The unbound module.

@@ -123,21 +123,30 @@ def _fold_batch_norm(arrays: Sequence[np.ndarray], shape: tuple[int, ...]) -> li
     return [scale, bias - mean * scale]
 
 
-# Four tensors of the channels' shape -> scale and bias ("norm": the kind's name callers see).
+def _keep_batch_norm(arrays: Sequence[np.ndarray], shape: tuple[int, ...]) -> list[np.ndarray]:
+    """BatchNorm as it is: weight, bias and the running statistics."""
+    del shape
+    return list(arrays)
+
+
+_BATCH_NORM_TENSORS = ("weight", "bias", "running_mean", "running_var")
+# Four tensors of the channels' shape -> a norm='batch' layer's four leaves as they are, or
+# norm='affine''s scale and bias folded from them ("norm": the kind's name callers see).
 BATCH_NORM = torch_rules.kind(
     "norm",
     torch_rules.Rule(
-        ("scale", "bias"),
-        ("weight", "bias", "running_mean", "running_var"),
+        ("scale", "bias", "running_mean", "running_var"),
+        _BATCH_NORM_TENSORS,
         lambda shape: shape,
-        _fold_batch_norm,
+        _keep_batch_norm,
     ),
+    torch_rules.Rule(("scale", "bias"), _BATCH_NORM_TENSORS, lambda shape: shape, _fold_batch_norm),
 )
 _BLOCK, _TORCH_BLOCK = r"stage(?P<stage>\d+)/block(?P<block>\d+)/", "layer{stage}.{block}."
 RESNET = torch_rules.Family(
     name="ResNet",
     counterpart="torchvision ResNet",
-    model="tljax.models.resnet.ResNet with norm='affine'",
+    model="tljax.models.resnet.ResNet with norm='affine' or 'batch'",
     exclude_hint=(
         "load_pretrained_resnet(..., exclude_head=True) or convert_resnet(..., exclude=('head',))"
     ),

@@ -282,7 +282,8 @@ def _locate(
     name, kind_ = located
     parts, made = [], set()
     for rule in kind_.rules:
-        if set(rule.leaves) <= set(leaves):
+        # The first rule that makes a leaf wins (a kind may offer several forms of one layer).
+        if set(rule.leaves) <= set(leaves) and not made & set(rule.leaves):
             shape = tuple(leaves[rule.leaves[0]].shape)
             keys = tuple(f"{name}{sep}{field}" if name else field for field in rule.fields)
             parts.append(_Part(rule, keys, shape, rule.need(shape)))
