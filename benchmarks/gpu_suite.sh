@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU half of the speed goals in one command (BUILD.md "NVIDIA GPU"): the DANN step table
 # and whole default runs in fp32 and bf16 compute against PyTorch on CUDA (accuracy parity),
-# and ResNet-50 fine-tuning throughput with its MFU.
+# and the ResNet-50 and ViT-B/16 fine-tuning steps (224x224): images/s and MFU, fp32 and bf16.
 #
 # For a GPU image with JAX and PyTorch but no TensorFlow, tfds, clu or network. Prepare on a
 # machine where tfds works, in the repository root, and carry both paths over:
@@ -9,7 +9,10 @@
 #   pip download ml_collections --no-deps -d .whl
 #
 # Usage: bash benchmarks/gpu_suite.sh [OUT_DIR]   (markdown tables and logs; default runs/gpu)
-# SPEED_DANN_FLAGS and RESNET_FLAGS append flags (a CPU smoke run: --run_steps=100 --seeds=0).
+# SPEED_DANN_FLAGS and THROUGHPUT_FLAGS append flags; a CPU smoke run of the commands:
+#   SPEED_DANN_FLAGS="--steps=2 --batches=8 --rounds=1 --run_steps=20 --seeds=0 --page=" \
+#   THROUGHPUT_FLAGS="--image_size=32 --batch=2 --steps=1 --warmup=1 --page=" \
+#   bash benchmarks/gpu_suite.sh runs/gpu_smoke     # ~1 min on 2 cores
 set -euo pipefail
 out="${1:-runs/gpu}"
 mkdir -p "$out"
@@ -22,5 +25,5 @@ torch.__version__, torch.cuda.is_available())" | tee "$out/versions.txt"
 python benchmarks/speed_dann.py --data_dir=runs/arrays/dann --impls=xla \
   --dtypes=float32,bfloat16 --rounds=3 --full_run --seeds=0,1,2 ${SPEED_DANN_FLAGS:-} \
   2>"$out/speed_dann.log" | tee "$out/speed_dann.md"
-python benchmarks/resnet_throughput.py --dtypes=float32,bfloat16 ${RESNET_FLAGS:-} \
-  2>"$out/resnet_throughput.log" | tee "$out/resnet_throughput.md"
+python benchmarks/finetune_throughput.py --models=resnet50,vit_b16 --dtypes=float32,bfloat16 \
+  ${THROUGHPUT_FLAGS:-} 2>"$out/finetune_throughput.log" | tee "$out/finetune_throughput.md"

@@ -58,37 +58,60 @@ import results_page  # noqa: E402
 
 from tljax.data import transforms  # noqa: E402 - light: numpy and PIL only.
 
-_FOLDER = flags.DEFINE_string(
-    "folder", "", "An existing folder of class folders to read ('': generate one)."
-)
-_GENERATE_IMAGES = flags.DEFINE_integer(
-    "generate_images", 2000, "Distinct JPEGs in the generated folder."
-)
-_CLASSES = flags.DEFINE_integer("classes", 10, "Class folders of the generated folder.")
-_CACHE_DIR = flags.DEFINE_string(
-    "cache_dir", "/tmp/tljax_loader_bench", "Where generated folders are kept and reused."
-)
-_WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Worker process counts to measure.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square training crop.")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
-_SECONDS = flags.DEFINE_float("seconds", 8.0, "Timed seconds per measurement.")
-_BATCHES = flags.DEFINE_integer(
-    "batches", None, "Timed batches per measurement (overrides --seconds)."
-)
-_WARMUP = flags.DEFINE_integer(
-    "warmup_batches", 5, "Batches read before timing starts (worker start-up, buffers)."
-)
-_ROUNDS = flags.DEFINE_integer(
-    "rounds", 5, "Measure each (loader, workers) this many times, alternating the order."
-)
-_RSS_IMAGES = flags.DEFINE_integer(
-    "rss_images", 50000, "Images in the memory pass's folder (0: no memory measurement)."
-)
-_RSS_LOADERS = flags.DEFINE_list("rss_loaders", ["tljax", "peer"], "Loaders of the memory pass.")
-_RSS_INTERVAL = flags.DEFINE_float("rss_interval", 0.5, "Seconds between memory samples.")
-_PAGE = flags.DEFINE_string(
-    "page", results_page.default_page("input_pipeline"), "Results page to write ('': none)."
-)
+
+def define_flags() -> None:
+    """Defines the command-line flags; only when run as a script, so that tests can import
+    this module beside other benchmarks (absl flags are process-wide)."""
+    global \
+        _FOLDER, \
+        _GENERATE_IMAGES, \
+        _CLASSES, \
+        _CACHE_DIR, \
+        _WORKERS, \
+        _IMAGE_SIZE, \
+        _BATCH_SIZE, \
+        _SECONDS, \
+        _BATCHES, \
+        _WARMUP, \
+        _ROUNDS, \
+        _RSS_IMAGES, \
+        _RSS_LOADERS, \
+        _RSS_INTERVAL, \
+        _PAGE
+    _FOLDER = flags.DEFINE_string(
+        "folder", "", "An existing folder of class folders to read ('': generate one)."
+    )
+    _GENERATE_IMAGES = flags.DEFINE_integer(
+        "generate_images", 2000, "Distinct JPEGs in the generated folder."
+    )
+    _CLASSES = flags.DEFINE_integer("classes", 10, "Class folders of the generated folder.")
+    _CACHE_DIR = flags.DEFINE_string(
+        "cache_dir", "/tmp/tljax_loader_bench", "Where generated folders are kept and reused."
+    )
+    _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Worker process counts to measure.")
+    _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Side of the square training crop.")
+    _BATCH_SIZE = flags.DEFINE_integer("batch_size", 64, "Images per batch.")
+    _SECONDS = flags.DEFINE_float("seconds", 8.0, "Timed seconds per measurement.")
+    _BATCHES = flags.DEFINE_integer(
+        "batches", None, "Timed batches per measurement (overrides --seconds)."
+    )
+    _WARMUP = flags.DEFINE_integer(
+        "warmup_batches", 5, "Batches read before timing starts (worker start-up, buffers)."
+    )
+    _ROUNDS = flags.DEFINE_integer(
+        "rounds", 5, "Measure each (loader, workers) this many times, alternating the order."
+    )
+    _RSS_IMAGES = flags.DEFINE_integer(
+        "rss_images", 50000, "Images in the memory pass's folder (0: no memory measurement)."
+    )
+    _RSS_LOADERS = flags.DEFINE_list(
+        "rss_loaders", ["tljax", "peer"], "Loaders of the memory pass."
+    )
+    _RSS_INTERVAL = flags.DEFINE_float("rss_interval", 0.5, "Seconds between memory samples.")
+    _PAGE = flags.DEFINE_string(
+        "page", results_page.default_page("input_pipeline"), "Results page to write ('': none)."
+    )
+
 
 TRAIN_AUGMENT = ("random_resized_crop", "flip")
 JPEG_QUALITY = 90
@@ -1042,4 +1065,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
