@@ -21,6 +21,7 @@ import finetune_step  # noqa: E402
 import torch_backbones  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+import tljax.data  # noqa: E402
 from tljax.models import classifiers, converters  # noqa: E402
 
 SIDE = 32
@@ -108,8 +109,12 @@ def _ms(rounds: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_a_page_with_both_sides_and_their_ratio(parsed_flags, tmp_path):
+def test_tiny_run_writes_a_page_with_both_sides_and_their_ratio(
+    parsed_flags, tmp_path, monkeypatch
+):
     """The whole benchmark on 32x32 images, 1 step per round: ~15 s, mostly two compiles."""
+    # The benchmark replaces tljax.data.load_split with random images for its process.
+    monkeypatch.setattr(tljax.data, "load_split", tljax.data.load_split)
     page = tmp_path / "speed.md"
     parsed_flags(
         "--models=resnet18,vit_s16",
