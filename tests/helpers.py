@@ -1,7 +1,12 @@
 """Helpers shared by the tests (fixtures live in conftest.py): `from helpers import shrink`."""
 
+import functools
+
 import jax
 import jax.extend
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 
 def shrink(config, data_dir, steps=4, eval_every=None, batch_size=16, eval_batch_size=500):
@@ -48,3 +53,22 @@ def conv_operand_dtypes(jaxpr) -> list:
                 elif isinstance(value, jax.extend.core.Jaxpr):
                     dtypes += conv_operand_dtypes(value)
     return dtypes
+
+
+def variable_shapes(model, image_size=32, **apply_kwargs):
+    """The variables of ``model.init`` on two square RGB images, as ShapeDtypeStructs (traced,
+    never compiled)."""
+    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+    return jax.eval_shape(functools.partial(model.init, **apply_kwargs), jax.random.key(0), images)
+
+
+def flat(tree) -> dict:
+    """A nested dict as ``{'a/b/c': leaf}``."""
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
+def assert_close_to_scale(actual, desired, rtol=1e-4):
+    """Closeness with a tolerance relative to the largest reference entry (the logit scale)."""
+    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
+    scale = max(float(np.max(np.abs(desired))), 1e-6)
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
+from helpers import assert_close_to_scale as _assert_close
+from helpers import flat as _flat
+from helpers import variable_shapes
 
 from tljax import transfer, validate
 from tljax.models import convnext, convnext_convert, make_classifier
@@ -18,19 +20,7 @@ TINY = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32))
 
 
 def _param_shapes(model, image_size=32):
-    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(model.init, jax.random.key(0), images)["params"]
-
-
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
-def _assert_close(actual, desired, rtol=1e-4):
-    """Closeness with a tolerance relative to the largest reference entry (the logit scale)."""
-    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    scale = max(float(np.max(np.abs(desired))), 1e-6)
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)
+    return variable_shapes(model, image_size)["params"]
 
 
 def _model_config(num_classes=10, conv_impl="xla", **fields):

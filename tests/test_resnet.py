@@ -7,8 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
+from helpers import assert_close_to_scale as _assert_close
 from helpers import conv_operand_dtypes
+from helpers import flat as _flat
+from helpers import variable_shapes as _param_shapes
 
 from tljax import ops
 from tljax.models import resnet, torch_convert
@@ -19,27 +21,10 @@ TORCH_REASON = "torch is an optional test dependency: pip install -r benchmarks/
 TORCHVISION_PARAM_COUNTS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032}
 
 
-def _param_shapes(model, image_size=32, **apply_kwargs):
-    """The variables of ``model.init`` as ShapeDtypeStructs: traced, never compiled."""
-    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(functools.partial(model.init, **apply_kwargs), jax.random.key(0), images)
-
-
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
 def _concrete(shapes):
     """A params tree of the given shapes filled with distinct random values."""
     rng = np.random.default_rng(0)
     return jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), shapes)
-
-
-def _assert_close(actual, desired, rtol=1e-4):
-    """Closeness with a tolerance relative to the largest reference entry (the logit scale)."""
-    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    scale = max(float(np.max(np.abs(desired))), 1e-6)
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import traverse_util
+from helpers import assert_close_to_scale as _assert_close
+from helpers import flat as _flat
+from helpers import variable_shapes as _param_shapes
 
 from tljax import params as ptree
 from tljax import validate
@@ -26,25 +28,8 @@ def _tiny(num_classes=10, **kwargs):
     return vit.ViT(num_classes=num_classes, **TINY, **kwargs)
 
 
-def _param_shapes(model, image_size=32, **apply_kwargs):
-    """The variables of ``model.init`` as ShapeDtypeStructs: traced, never compiled."""
-    images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
-    return jax.eval_shape(functools.partial(model.init, **apply_kwargs), jax.random.key(0), images)
-
-
-def _flat(tree):
-    return traverse_util.flatten_dict(tree, sep="/")
-
-
 def _images(image_size=32, seed=0):
     return np.random.default_rng(seed).standard_normal((2, image_size, image_size, 3), np.float32)
-
-
-def _assert_close(actual, desired, rtol=1e-4):
-    """Closeness with a tolerance relative to the largest reference entry (the logit scale)."""
-    actual, desired = np.asarray(actual, np.float64), np.asarray(desired, np.float64)
-    scale = max(float(np.max(np.abs(desired))), 1e-6)
-    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale)
 
 
 # ----------------------------------------------------------------------------------------------
