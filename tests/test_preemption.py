@@ -38,6 +38,8 @@ def test_a_signal_sets_the_flag_and_the_handlers_are_restored():
 
 
 def test_a_second_sigint_interrupts_at_once():
+    # Python's own SIGINT handler, also where the suite runs as a background job (SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     watch = preemption.PreemptionWatch(first_step=0, sync_every=10, mode=preemption.LOCAL)
     watch.install()
     try:
@@ -49,6 +51,7 @@ def test_a_second_sigint_interrupts_at_once():
             signal.raise_signal(signal.SIGINT)
     finally:
         watch.restore()
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_outside_the_main_thread_nothing_is_installed():
