@@ -207,3 +207,24 @@ def test_cli_bad_input_is_one_line(tmp_path):
         f"Error: Candidate {tmp_path / 'nowhere'} is not a directory; expected a finished run's "
         "workdir."
     ]
+
+
+@pytest.mark.slow
+def test_a_folder_target_is_read_at_the_candidates_image_size(candidates, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("cat", "dog", "owl"):
+        (tmp_path / "target" / name).mkdir(parents=True)
+        for i in range(3):
+            pixels = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "target" / name / f"{i}.png")
+    out = tmp_path / "ranking.json"
+    proc = _rank_cli(
+        f"--target=folder:{tmp_path / 'target'}",
+        f"--candidates={candidates[0]}",
+        "--shots=2",
+        f"--out={out}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["examples"] == 6
